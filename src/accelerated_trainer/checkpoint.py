@@ -1,0 +1,258 @@
+"""Checkpoint policy and layout: `last` (full resumable state), `best`, and the top-k by the monitored metric.
+
+Run directory layout::
+
+    {ckpt_dir}/{title}/
+        config.json          resolved config
+        metrics.jsonl        every logged metric
+        checkpoints.json     index of the kept checkpoints (paths relative to the run directory)
+        last/                full state: model, optimizer, scheduler, RNG per process, trainer state
+        previous/            the full state before `last`, kept as a fallback
+        best/                weights of the best evaluation so far
+        top/epoch003-step000120/   weights of each top-k evaluation
+
+Every directory is sealed with a manifest (size and sha256 of each file) and renamed into
+place only when complete; an old checkpoint is deleted only after its replacement is in place.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from accelerate.utils import clean_state_dict_for_safetensors
+from safetensors.torch import load_model, save_file
+
+from . import storage
+from .early_stopping import is_improvement
+from .storage import CheckpointError
+
+INDEX = "checkpoints.json"
+WEIGHTS = "model.safetensors"
+
+
+@dataclass
+class Entry:
+    """One kept checkpoint, as listed in checkpoints.json."""
+
+    path: str
+    epoch: int
+    step: int
+    value: float | None = None
+
+
+def rank_key(value: float, mode: Literal["min", "max"]) -> float:
+    """Sort key where smaller is better; NaN ranks worst."""
+    if math.isnan(value):
+        return math.inf
+    return value if mode == "min" else -value
+
+
+def select_top_k(kept: list[Entry], candidate: Entry, k: int, mode: Literal["min", "max"]) -> tuple[list[Entry], list[Entry]]:
+    """The top-k decision: (new kept list best first, evicted entries).
+
+    The candidate enters only if there is room or it beats the worst kept entry strictly;
+    ties keep the older checkpoint. k = -1 keeps everything, k = 0 nothing.
+    """
+    if k == 0:
+        return [], list(kept)
+    ranked = sorted([*kept, candidate], key=lambda e: (rank_key(e.value, mode), e is candidate))
+    if k < 0:
+        return ranked, []
+    return ranked[:k], ranked[k:]
+
+
+class Checkpointer:
+    """Writes and reads the checkpoints of one run directory.
+
+    Only the main process writes files; every process takes part in gathering the state and
+    waits until a checkpoint is complete before training goes on.
+    """
+
+    def __init__(self, run_dir: Path, accelerator, monitor: str, mode: Literal["min", "max"], save_top_k: int):
+        self.run_dir = Path(run_dir)
+        self.accelerator = accelerator
+        self.monitor, self.mode, self.save_top_k = monitor, mode, save_top_k
+        self.kept: list[Entry] = []
+        self.best: Entry | None = None
+        self.last: Entry | None = None
+
+    # ------------------------------------------------------------ saving
+
+    def save_last(self, model, optimizer, scheduler, trainer_state: dict) -> Path:
+        """Write the full resumable state to `last`, keeping the old one as `previous`."""
+        dest = self.run_dir / "last"
+        model_state = self.accelerator.get_state_dict(model)  # collective under FSDP/DeepSpeed
+        tmp = dest.with_name(f".{dest.name}.tmp")
+        if self.accelerator.is_main_process:
+            storage.temporary_dir(dest)
+        self.accelerator.wait_for_everyone()
+        storage.write_json(tmp / f"rng-rank{self.accelerator.process_index}.json", capture_rng())
+        self.accelerator.wait_for_everyone()
+        # Every process tracks the lists, so every process takes the same save decisions; the
+        # state written below already names this checkpoint as `last`.
+        self.last = Entry("last", trainer_state["epoch"], trainer_state["step"])
+        if self.accelerator.is_main_process:
+            self._write_weights(tmp, model_state)
+            storage.save_state(optimizer.state_dict(), tmp, "optimizer")
+            scaler = getattr(self.accelerator, "scaler", None)
+            state = {**trainer_state, "scheduler": scheduler.state_dict(), "checkpoints": self.state_dict()}
+            if scaler is not None:
+                state["scaler"] = scaler.state_dict()
+            storage.write_json(tmp / "state.json", state)
+            storage.seal(tmp)
+            if reason := storage.verify(tmp):
+                raise CheckpointError(f"the new checkpoint did not verify after writing: {reason}")
+            storage.publish(tmp, dest, keep_previous=self.run_dir / "previous")
+            self._write_index()
+        self.accelerator.wait_for_everyone()
+        return dest
+
+    def maybe_save_top(self, model, value: float, epoch: int, step: int, metrics: dict) -> bool:
+        """Record an evaluation: write weights if it enters the top-k, refresh `best` if it improves.
+
+        Returns whether it is the new best. Called on every process with the same gathered value,
+        so every process takes the same decision.
+        """
+        candidate = Entry(f"top/epoch{epoch:03d}-step{step:07d}", epoch, step, value)
+        kept, evicted = select_top_k(self.kept, candidate, self.save_top_k, self.mode)
+        enters = candidate in kept
+        improves = is_improvement(value, self.best.value if self.best else None, self.mode)
+        if not (enters or improves):
+            return False
+        model_state = self.accelerator.get_state_dict(model)
+        if self.accelerator.is_main_process:
+            meta = {**asdict(candidate), "monitor": self.monitor, "mode": self.mode, "metrics": metrics}
+            if enters:
+                self._write_weights_dir(self.run_dir / candidate.path, model_state, meta)
+            if improves:
+                self._write_weights_dir(self.run_dir / "best", model_state, {**meta, "path": "best"})
+        if improves:
+            self.best = Entry("best", epoch, step, value)
+        self.kept = kept
+        if self.accelerator.is_main_process:
+            # The index first stops listing an evicted checkpoint, then it is deleted.
+            self._write_index()
+            for entry in evicted:
+                if entry is not candidate:
+                    storage.remove(self.run_dir / entry.path)
+        self.accelerator.wait_for_everyone()
+        return improves
+
+    def _write_weights_dir(self, dest: Path, model_state: dict, meta: dict) -> None:
+        tmp = storage.temporary_dir(dest)
+        self._write_weights(tmp, model_state)
+        storage.write_json(tmp / "meta.json", meta)
+        storage.seal(tmp)
+        storage.publish(tmp, dest)
+
+    @staticmethod
+    def _write_weights(directory: Path, model_state: dict) -> None:
+        # Tied weights share storage; safetensors stores each storage once and load_model re-ties them.
+        state = clean_state_dict_for_safetensors(dict(model_state))
+        save_file({k: v.detach().cpu() for k, v in state.items()}, str(directory / WEIGHTS), metadata={"format": "pt"})
+
+    def _write_index(self) -> None:
+        storage.atomic_write_json(self.run_dir / INDEX, {
+            "monitor": self.monitor,
+            "mode": self.mode,
+            "last": self.last and asdict(self.last),
+            "best": self.best and asdict(self.best),
+            "top_k": [asdict(entry) for entry in self.kept],
+        })
+
+    # ------------------------------------------------------------ resuming
+
+    def find_resumable(self, path: Path | None = None) -> tuple[Path | None, list[str]]:
+        """The checkpoint to resume from and the reasons any newer candidate was passed over.
+
+        With no path: the newest of `last` and `previous` whose manifest verifies.
+        """
+        candidates = [Path(path)] if path else [self.run_dir / "last", self.run_dir / "previous"]
+        usable, skipped = [], []
+        for candidate in candidates:
+            if not candidate.exists():
+                continue
+            if reason := storage.verify(candidate):
+                skipped.append(reason)
+                continue
+            usable.append((storage.read_json(candidate / "state.json")["step"], candidate))
+        return (max(usable)[1] if usable else None), skipped
+
+    def load(self, directory: Path, model, optimizer, scheduler) -> dict:
+        """Restore model, optimizer, scheduler, scaler, this process's RNG and the checkpoint lists.
+
+        Returns the trainer state saved with it (step, epoch, position, early stopping, ...).
+        """
+        directory = Path(directory)
+        missing, unexpected = load_model(self.accelerator.unwrap_model(model), str(directory / WEIGHTS), strict=False)
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{directory / WEIGHTS} does not fit the model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}."
+            )
+        optimizer.load_state_dict(storage.load_state(directory, "optimizer"))
+        state = storage.read_json(directory / "state.json")
+        scheduler.load_state_dict(state.pop("scheduler"))
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state.pop("scaler"))
+        self.load_state_dict(state.pop("checkpoints"))
+        rng_file = directory / f"rng-rank{self.accelerator.process_index}.json"
+        if rng_file.is_file():
+            restore_rng(storage.read_json(rng_file))
+        return state
+
+    def state_dict(self) -> dict:
+        return {
+            "kept": [asdict(e) for e in self.kept],
+            "best": self.best and asdict(self.best),
+            "last": self.last and asdict(self.last),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.kept = [Entry(**e) for e in state["kept"]]
+        self.best = state["best"] and Entry(**state["best"])
+        self.last = state["last"] and Entry(**state["last"])
+
+    def clear(self) -> None:
+        """Remove the checkpoints of an earlier run (only when the config says overwrite)."""
+        if self.accelerator.is_main_process:
+            for name in ("last", "previous", "best", "top"):
+                storage.remove(self.run_dir / name)
+            (self.run_dir / INDEX).unlink(missing_ok=True)
+        self.accelerator.wait_for_everyone()
+
+    def has_checkpoints(self) -> bool:
+        return any((self.run_dir / name).exists() for name in ("last", "previous", "best", "top", INDEX))
+
+
+# ---------------------------------------------------------------- RNG state, as JSON
+
+
+def capture_rng() -> dict[str, Any]:
+    """This process's python, numpy and torch RNG states (CPU and CUDA), JSON-serializable."""
+    version, internal, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [np_name, np_keys.tolist(), int(np_pos), int(np_has_gauss), float(np_gauss)],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])

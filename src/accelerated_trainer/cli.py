@@ -1,0 +1,71 @@
+"""Command line: `accelerate launch train.py --config cfg.json [--set key=value ...]`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+EPILOG = """\
+overrides:
+  --set takes a dotted config path and a value, parsed as JSON when it parses:
+    --set training_options.n_epochs=3
+    --set training_options.optimizer.lr=3e-4
+    --set experiment_options.title=digits-wide --set experiment_options.resume=true
+    --set 'model_options.kwargs.hidden_dims=[256,256]'
+  All keys: configs/schema.json, or --schema.
+
+launching:
+  python train.py --config configs/digits.json                       one process
+  accelerate launch train.py --config configs/digits.json            as `accelerate config` says
+  ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 train.py --config ...   2 CPU processes
+
+exit codes: 0 done, 2 invalid config or data (the message says what to fix).
+"""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="train.py",
+        description="Train a PyTorch model from a JSON/YAML config with accelerate.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", "-c", help="path to the JSON or YAML config")
+    parser.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
+                        help="override one config value (repeatable)")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--schema", action="store_true", help="print the config's JSON Schema and exit")
+    args = parser.parse_args(argv)
+    if not (args.config or args.schema):
+        parser.error("--config is required")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # Imported here so that --help answers without loading pydantic, torch or accelerate.
+    from .config import ConfigError, json_schema, load_config
+    from .data import DataError
+
+    if args.schema:
+        print(json.dumps(json_schema(), indent=2))
+        return 0
+    overrides = args.overrides + (["experiment_options.progress_bar=false"] if args.quiet else [])
+    try:
+        config = load_config(args.config, overrides)
+        if args.print_config:
+            print(json.dumps(config.model_dump(mode="json"), indent=2))
+            return 0
+        from .trainer import AcceleratedTrainer
+
+        result = AcceleratedTrainer(None, config).train()
+    except (ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0 if result.stop_reason else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

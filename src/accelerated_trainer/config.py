@@ -1,0 +1,335 @@
+"""The run configuration: one validated object built from a JSON/YAML file or a dict.
+
+Every default lives here, in the pydantic models; components receive their own section.
+Errors name the JSON path, the bad value and, for a typo, the closest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+TASK_METRICS = {
+    "classification": ("val_loss", "val_accuracy"),
+    "regression": ("val_loss", "val_mae", "val_mse"),
+}
+MAXIMIZED_METRICS = {"val_accuracy"}
+
+
+class ConfigError(ValueError):
+    """A configuration the trainer cannot run; the message says what to change."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class _Named(_Section):
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_name(cls, value: Any) -> Any:
+        # "AdamW" is shorthand for {"name": "AdamW"}: the common case stays one word in the config.
+        return {"name": value} if isinstance(value, str) else value
+
+
+class DatasetOptions(_Section):
+    data_files: dict[str, Union[str, list[str]]] = Field(default_factory=dict)
+    """Split name (train, validation, test) to a file path or glob, resolved against the
+    current directory. Format comes from the extension: .parquet, .csv, .json/.jsonl."""
+    feature_columns: list[str] = Field(min_length=1)
+    """One array column, or several scalar columns stacked into a float tensor (batch, n)."""
+    label_column: str = "label"
+    """Column holding the class index (classification) or the target value (regression)."""
+    batch_size: int = Field(32, gt=0)
+    """Training batch size per process."""
+    eval_batch_size: int | None = Field(None, gt=0)
+    """Validation batch size per process; defaults to batch_size."""
+    validation_split: float = Field(0.1, ge=0.0, lt=1.0)
+    """Fraction of train held out (seeded) when no validation file is given; 0 means no validation."""
+    shuffle: bool = True
+    """Shuffle training data each epoch; the order is a function of (seed, epoch)."""
+    drop_last: bool = False
+    """Drop the last incomplete training batch."""
+    vectorization: bool = True
+    """Fetch each batch in one columnar call from Arrow (fast). False fetches rows one by one
+    and stacks them with a collate function, for datasets that need one."""
+    num_workers: int = Field(0, ge=0)
+    """DataLoader worker processes."""
+
+
+class LossOptions(_Named):
+    name: str
+    """Any torch.nn loss class, e.g. CrossEntropyLoss, MSELoss, SmoothL1Loss."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments for the loss, e.g. {"label_smoothing": 0.1}."""
+
+
+class OptimizerOptions(_Named):
+    name: str = "AdamW"
+    """Any torch.optim optimizer class."""
+    lr: float = Field(1e-3, gt=0)
+    """Peak learning rate."""
+    weight_decay: float = Field(0.0, ge=0)
+    """Weight decay passed to the optimizer."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Further optimizer arguments, e.g. {"betas": [0.9, 0.95]}."""
+
+
+class SchedulerOptions(_Named):
+    name: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning-rate shape after warmup: constant, linear decay to 0, or cosine decay to 0."""
+    warmup_steps: int = Field(0, ge=0)
+    """Optimizer steps of linear warmup from 0 to lr."""
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    """Warmup as a fraction of all optimizer steps (used when warmup_steps is 0)."""
+
+
+class EarlyStoppingOptions(_Section):
+    patience: int = Field(5, ge=1)
+    """Evaluations without improvement of the monitored metric before training stops."""
+    min_delta: float = Field(0.0, ge=0)
+    """Smallest change of the monitored metric that counts as an improvement."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_patience(cls, data: Any) -> Any:
+        # The original spec's `"early_stopping": 5` means a patience of 5 evaluations.
+        return {"patience": data} if isinstance(data, int) and not isinstance(data, bool) else data
+
+
+class TrainingOptions(_Section):
+    task: Literal["classification", "regression"] = "classification"
+    """Chooses the default loss and the validation metrics."""
+    n_epochs: int = Field(10, ge=1)
+    """Passes over the training data (training also stops at max_steps if set)."""
+    max_steps: int | None = Field(None, ge=1)
+    """Stop after this many optimizer steps, whatever n_epochs says."""
+    loss_function: LossOptions | None = None
+    """A torch.nn loss by name (string or {"name", "kwargs"}). Default: CrossEntropyLoss for
+    classification, MSELoss for regression. A model that returns its own loss
+    (HF ModelOutput.loss or a dict with "loss") uses that instead."""
+    optimizer: OptimizerOptions = Field(default_factory=OptimizerOptions)
+    """Optimizer by name, with lr and weight decay."""
+    scheduler: SchedulerOptions = Field(default_factory=SchedulerOptions)
+    """Learning-rate schedule with warmup."""
+    seed: int = 42
+    """Seeds model init, data order and dropout on every process."""
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    """Micro-batches per optimizer step."""
+    max_grad_norm: float | None = Field(None, gt=0)
+    """Clip the global gradient norm to this value; null disables clipping."""
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    """Autocast precision; fp16 needs a GPU, bf16 runs on recent CPUs and GPUs."""
+    eval_every_n_steps: int | None = Field(None, ge=1)
+    """Validate every N optimizer steps; null validates at the end of each epoch."""
+    log_every_n_steps: int = Field(10, ge=1)
+    """Optimizer steps between training-loss logs (the only host syncs of the loss)."""
+    save_every_n_steps: int | None = Field(None, ge=1)
+    """Also write the resumable `last` checkpoint every N optimizer steps."""
+    monitor: str = "val_loss"
+    """Validation metric that ranks checkpoints and drives early stopping."""
+    mode: Literal["min", "max"] | None = None
+    """Whether a lower or higher monitored value is better; default from the metric."""
+    early_stopping: EarlyStoppingOptions | None = None
+    """Stop when the monitored metric stops improving; an integer is the patience."""
+    save_top_k: int = Field(3, ge=-1)
+    """Keep the k best checkpoints by the monitored metric; -1 keeps all, 0 none."""
+
+    @field_validator("monitor")
+    @classmethod
+    def _check_monitor(cls, monitor: str, info: ValidationInfo) -> str:
+        allowed = TASK_METRICS.get(info.data.get("task"), ())
+        if allowed and monitor not in allowed:
+            close = difflib.get_close_matches(monitor, allowed, n=1)
+            hint = f"; did you mean {close[0]!r}" if close else ""
+            raise ValueError(f"task {info.data['task']!r} produces {list(allowed)}, not {monitor!r}{hint}")
+        return monitor
+
+    @model_validator(mode="after")
+    def _default_mode(self) -> "TrainingOptions":
+        if self.mode is None:
+            self.mode = "max" if self.monitor in MAXIMIZED_METRICS else "min"
+        return self
+
+
+class WandbOptions(_Section):
+    project: str = "accelerated-trainer"
+    """W&B project name."""
+    mode: Literal["online", "offline", "disabled"] | None = None
+    """null: online when W&B credentials are configured, offline otherwise."""
+    entity: str | None = None
+    """W&B team or user."""
+    tags: list[str] = Field(default_factory=list)
+    """Tags for the run."""
+    group: str | None = None
+    """Group name, e.g. for a sweep."""
+    notes: str | None = None
+    """Free-text notes for the run."""
+
+
+class ExperimentOptions(_Section):
+    title: str = Field("run", min_length=1, pattern=r"^[^/\\]+$")
+    """Run name: the run directory is {ckpt_dir}/{title} and the W&B run name."""
+    ckpt_dir: str = "runs"
+    """Parent directory of run directories."""
+    resume: Union[bool, str] = False
+    """true: continue from the run directory's last checkpoint (start fresh if there is none);
+    a path: continue from that checkpoint directory."""
+    overwrite: bool = False
+    """Allow a fresh run into a run directory that already holds checkpoints (they are deleted)."""
+    wandb: WandbOptions = Field(default_factory=WandbOptions)
+    """Weights & Biases tracking through accelerate."""
+    progress_bar: bool = True
+    """tqdm progress bars on the main process."""
+
+
+class ModelOptions(_Named):
+    name: str = "mlp"
+    """A built-in model (mlp) or an import path package.module:Class."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Constructor keyword arguments."""
+
+
+class TrainerConfig(_Section):
+    dataset_options: DatasetOptions
+    """Where the data is and how batches are built."""
+    training_options: TrainingOptions = Field(default_factory=TrainingOptions)
+    """Loss, optimizer, schedule, precision, cadences, checkpoint ranking, early stopping."""
+    experiment_options: ExperimentOptions = Field(default_factory=ExperimentOptions)
+    """Run name and directory, resume, tracking."""
+    model_options: ModelOptions | None = None
+    """The model for CLI runs; the Python API takes a model object instead."""
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.experiment_options.ckpt_dir) / self.experiment_options.title
+
+
+# ---------------------------------------------------------------- loading and errors
+
+
+def load_config(source: Union[TrainerConfig, dict, str, Path], overrides: list[str] = ()) -> TrainerConfig:
+    """Build a validated config from a dict, a JSON/YAML file path, or a config object.
+
+    Args:
+        source: the config as a dict, a path to a .json/.yaml/.yml file, or a TrainerConfig.
+        overrides: "dotted.path=value" strings applied on top; value is parsed as JSON
+            when it parses, else taken as a string.
+    Raises:
+        ConfigError: the file is missing or unreadable, or a value is invalid.
+    """
+    if isinstance(source, TrainerConfig):
+        raw = source.model_dump()
+    elif isinstance(source, dict):
+        raw = json.loads(json.dumps(source))  # deep copy; also rejects non-JSON values early
+    else:
+        raw = _read_file(Path(source))
+    for override in overrides:
+        _apply_override(raw, override)
+    try:
+        return TrainerConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, origin=None if isinstance(source, (dict, TrainerConfig)) else source)) from None
+
+
+def _read_file(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist; pass the path of a JSON or YAML config.")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except (json.JSONDecodeError, ValueError) as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid {path.suffix.lstrip('.').upper() or 'JSON'}: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold an object with sections, got {type(data).__name__}.")
+    return data
+
+
+def _apply_override(raw: dict, override: str) -> None:
+    key, sep, text = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {override!r} must look like section.key=value, e.g. training_options.n_epochs=3.")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for depth, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            path = ".".join(parents[: depth + 1])
+            raise ConfigError(f"override {override!r}: {path} is a value, not a section, so it has no key {leaf!r}.")
+        node = child
+    node[leaf] = value
+
+
+def _describe(err: ValidationError, origin: Any) -> str:
+    where = f" in {str(origin)!r}" if origin is not None else ""
+    problems: dict[str, list[str]] = {}
+    for problem in err.errors():
+        loc = [part for part in problem["loc"] if not _is_internal_loc(part)]
+        path = ".".join(str(part) for part in loc) or "(top level)"
+        if problem["type"] == "extra_forbidden":
+            text = f"unknown key{_suggest(loc)}"
+        elif problem["type"] == "missing":
+            text = "required key is missing"
+        else:
+            text = problem["msg"].removeprefix("Value error, ").rstrip(".")
+            if not isinstance(problem.get("input"), dict):
+                text += f" (got {json.dumps(problem.get('input'), default=str)})"
+        # A union (e.g. resume: bool or path) fails once per member: say it once, joined by "or".
+        problems.setdefault(path, []).append(text)
+    details = " ".join(f"{path}: {' or '.join(dict.fromkeys(texts))}." for path, texts in problems.items())
+    return f"invalid config{where}: {details}"
+
+
+def _is_internal_loc(part: Any) -> bool:
+    # pydantic adds union-member tags such as "bool" / "str" / "function-after[...]" to locations.
+    return isinstance(part, str) and (part in {"bool", "str", "int", "float", "list[str]"} or "[" in part)
+
+
+def _suggest(loc: list) -> str:
+    fields = _fields_at(loc[:-1])
+    close = difflib.get_close_matches(str(loc[-1]), fields, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {'.'.join(map(str, loc[:-1] + [close[0]]))!r}"
+    return f"; valid keys here: {', '.join(sorted(fields))}" if fields else ""
+
+
+def _fields_at(loc: list) -> list[str]:
+    model: Any = TrainerConfig
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        model = _model_of(field.annotation)
+    return list(getattr(model, "model_fields", {}))
+
+
+def _model_of(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None
+
+
+def json_schema() -> dict:
+    """The JSON Schema of the config file, as shipped in configs/schema.json."""
+    schema = TrainerConfig.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "accelerated-trainer config"
+    return schema

@@ -1,0 +1,50 @@
+"""Stopping policy: a pure decision over validation values, with state that survives a resume."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+
+def is_improvement(value: float, best: float | None, mode: Literal["min", "max"], min_delta: float = 0.0) -> bool:
+    """Whether `value` beats `best` by more than `min_delta`. NaN never improves; anything beats no best."""
+    if math.isnan(value):
+        return False
+    if best is None or math.isnan(best):
+        return True
+    return value < best - min_delta if mode == "min" else value > best + min_delta
+
+
+@dataclass
+class EarlyStopping:
+    """Counts evaluations without improvement of the monitored metric.
+
+    Lightning's vocabulary: `patience` evaluations, `min_delta`, `mode`. A non-finite value
+    counts as no improvement, so a diverged run stops after `patience` evaluations.
+    """
+
+    mode: Literal["min", "max"]
+    patience: int
+    min_delta: float = 0.0
+    best: float | None = None
+    evaluations_without_improvement: int = 0
+
+    def update(self, value: float) -> tuple[bool, str | None]:
+        """Record one validation value; return (should_stop, reason)."""
+        if is_improvement(value, self.best, self.mode, self.min_delta):
+            self.best = value
+            self.evaluations_without_improvement = 0
+            return False, None
+        self.evaluations_without_improvement += 1
+        if self.evaluations_without_improvement >= self.patience:
+            best = "none yet" if self.best is None else f"{self.best:.6g}"
+            return True, f"early stopping: no improvement of more than {self.min_delta} over the best ({best}) in {self.patience} evaluations"
+        return False, None
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best = state["best"]
+        self.evaluations_without_improvement = state["evaluations_without_improvement"]

@@ -1,0 +1,416 @@
+"""AcceleratedTrainer: coordinates data, model, optimizer, checkpoints, stopping and tracking.
+
+It owns no policy: checkpoint policy is in checkpoint.py, stopping in early_stopping.py,
+logging in tracking.py. Device placement, DDP/FSDP/DeepSpeed, mixed precision and gradient
+accumulation are accelerate's.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import set_seed
+
+from . import data, storage
+from .checkpoint import Checkpointer
+from .config import ConfigError, TrainerConfig, load_config
+from .early_stopping import EarlyStopping
+from .models import build_model
+from .metrics import ValidationMetrics, build_loss, per_sample
+from .optim import build_optimizer, build_scheduler
+from .tracking import Progress, Tracker, trackers_for
+
+# Settings whose change between a checkpoint and its resume changes what "the next batch" means.
+RESUME_SENSITIVE = ("dataset_options.batch_size", "training_options.gradient_accumulation_steps", "training_options.seed")
+
+
+@dataclass
+class TrainingState:
+    """Where training is: resumable, saved in every `last` checkpoint."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # current epoch, 0-based
+    batches_in_epoch: int = 0  # micro-batches each process consumed in the current epoch
+    samples_seen: int = 0  # training samples consumed, all processes together
+    run_id: str | None = None  # the tracker run continued on resume
+    num_processes: int = 1
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+@dataclass
+class TrainResult:
+    """What `train()` returns."""
+
+    run_dir: Path
+    monitor: str
+    best_metric: float | None
+    best_checkpoint: Path | None
+    last_checkpoint: Path | None
+    epochs: int  # epochs completed
+    steps: int  # optimizer steps completed
+    stop_reason: str
+    metrics: dict[str, float] = field(default_factory=dict)  # the last validation metrics
+
+
+class AcceleratedTrainer:
+    """Trains a torch model as its config says, on one CPU or a multi-node cluster alike.
+
+    Args:
+        model: any torch.nn.Module, or None to build the config's `model_options` model
+            (built-in models size themselves from the data). It gets the feature tensor as its first argument, and
+            `labels=` too when its forward accepts it; it may return predictions, or its own
+            loss (HF ModelOutput.loss or a dict with "loss").
+        config: a dict, a path to a JSON/YAML config, or a TrainerConfig.
+        train_dataset / eval_dataset: a datasets.Dataset (or dict of columns) overriding the
+            config's data files.
+        collate_fn: for the per-row path (dataset_options.vectorization false).
+    Raises:
+        ConfigError: invalid config; DataError: data that does not fit it.
+    """
+
+    def __init__(self, model: torch.nn.Module | None, config, *, train_dataset=None, eval_dataset=None, collate_fn: Callable | None = None):
+        self.config: TrainerConfig = load_config(config)
+        self.run_dir = self.config.run_dir
+        self._build_accelerator()
+        self._build_data(train_dataset, eval_dataset, collate_fn)
+        self._build_model(model)
+        self._build_components()
+
+    # ------------------------------------------------------------ building
+
+    def _build_accelerator(self) -> None:
+        opts = self.config.training_options
+        if opts.mixed_precision == "fp16" and not torch.cuda.is_available():
+            raise ConfigError("training_options.mixed_precision: fp16 needs a CUDA GPU and none is visible; use \"bf16\" on CPU or \"no\".")
+        # accelerate keeps one AcceleratorState per process; a second trainer in the same process
+        # (a notebook, a sweep) may want other precision settings. The process group is kept.
+        AcceleratorState._reset_state(reset_partial_state=False)
+        self.accelerator = Accelerator(
+            mixed_precision=opts.mixed_precision,
+            gradient_accumulation_steps=opts.gradient_accumulation_steps,
+            log_with=trackers_for(self.config.experiment_options) or None,
+            project_dir=str(self.run_dir),
+            # Data order is EpochSampler's pure function of (seed, epoch); accelerate need not sync
+            # generators, and keeping the DataLoader's own generator keeps the global RNG untouched.
+            rng_types=[],
+        )
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched != self.accelerator.num_processes:
+            raise ConfigError(
+                f"the launcher started {launched} processes but accelerate runs {self.accelerator.num_processes} "
+                "(each would train alone and overwrite the others' files). On CPU use: ACCELERATE_USE_CPU=1 "
+                f"accelerate launch --multi_gpu --num_processes {launched} train.py --config CFG."
+            )
+        set_seed(opts.seed)
+
+    def _build_data(self, train_dataset, eval_dataset, collate_fn) -> None:
+        opts = self.config.dataset_options
+        training = self.config.training_options
+        with self.accelerator.main_process_first():
+            splits = data.load_splits(opts, training.seed, train_dataset, eval_dataset)
+        if splits.validation is None and training.early_stopping is not None:
+            raise ConfigError("training_options.early_stopping needs validation data: set dataset_options.data_files.validation or validation_split.")
+        label_dtype = torch.long if training.task == "classification" else torch.float32
+        loader = lambda split, train, size: data.build_loader(  # noqa: E731
+            split, opts, label_dtype=label_dtype, batch_size=size, seed=training.seed, train=train, collate_fn=collate_fn)
+        self.train_loader = loader(splits.train, True, opts.batch_size)
+        self.eval_loader = splits.validation and loader(splits.validation, False, opts.eval_batch_size or opts.batch_size)
+        self.data_info = data.describe(splits.train, opts, training.task)
+
+    def _build_model(self, model: torch.nn.Module | None) -> None:
+        training = self.config.training_options
+        if model is None:
+            if self.config.model_options is None:
+                raise ConfigError("model_options: no model given; set model_options.name (e.g. \"mlp\") or pass a model to the trainer.")
+            model = build_model(self.config.model_options, self.data_info)
+        # HF models (and any forward with `labels`) compute their own loss when given the labels.
+        self._pass_labels = "labels" in inspect.signature(model.forward).parameters
+        self.loss_fn = build_loss(training.loss_function, training.task)
+        optimizer = build_optimizer(training.optimizer, model)
+        self.model, self.optimizer, self.train_loader = self.accelerator.prepare(model, optimizer, self.train_loader)
+        if self.eval_loader is not None:
+            self.eval_loader = self.accelerator.prepare(self.eval_loader)
+        self.steps_per_epoch = -(-len(self.train_loader) // training.gradient_accumulation_steps)
+        total = self.steps_per_epoch * training.n_epochs
+        self.total_steps = min(total, training.max_steps) if training.max_steps else total
+        # Stepped by hand once per optimizer step: accelerate's wrapper would step it once per process.
+        self.scheduler = build_scheduler(training.scheduler, self.optimizer, self.total_steps)
+
+    def _build_components(self) -> None:
+        training = self.config.training_options
+        self.checkpointer = Checkpointer(self.run_dir, self.accelerator, training.monitor, training.mode, training.save_top_k)
+        stopping = training.early_stopping
+        self.early_stopping = stopping and EarlyStopping(training.mode, stopping.patience, stopping.min_delta)
+        self.tracker = Tracker(self.accelerator, self.config.experiment_options, self.run_dir, self.config.model_dump(mode="json"))
+        self.state = TrainingState(num_processes=self.accelerator.num_processes)
+        self.last_metrics: dict[str, float] = {}
+
+    # ------------------------------------------------------------ the run
+
+    def train(self) -> TrainResult:
+        """Run the whole job: resume if asked, train and validate, checkpoint, stop, report."""
+        started = time.perf_counter()
+        self._prepare_run_dir()
+        self._maybe_resume()
+        self.tracker.start(self.state.run_id)
+        self.state.run_id = self.tracker.run_id
+        n_epochs = self.config.training_options.n_epochs
+        self.progress = Progress(self.config.experiment_options.progress_bar and self.accelerator.is_local_main_process,
+                                 n_epochs, self.state.epoch)
+        stop_reason = self._stop_reason_before_start()
+        try:
+            while stop_reason is None:
+                stop_reason = self._train_epoch()
+                if stop_reason is None and self.state.epoch >= n_epochs:
+                    stop_reason = f"completed {n_epochs} epochs"
+        finally:
+            self.progress.close()
+        if self.checkpointer.last is None or self.checkpointer.last.step != self.state.step:
+            self._save_last()
+        return self._finish(stop_reason, time.perf_counter() - started)
+
+    def _train_epoch(self) -> str | None:
+        """Train to the end of the current epoch; return a stop reason if training must stop."""
+        self.train_loader.set_epoch(self.state.epoch)
+        skip = self.state.batches_in_epoch
+        batches = self.accelerator.skip_first_batches(self.train_loader, skip) if skip else self.train_loader
+        self.progress.start_epoch(self.state.epoch, self.steps_per_epoch, skip // self.config.training_options.gradient_accumulation_steps)
+        self._reset_log_window()
+        for batch in batches:
+            loss = self._training_step(batch)
+            self._loss_sum += loss.detach()
+            self._micro_batches += 1
+            self._samples += batch["labels"].shape[0]
+            self.state.samples_seen += batch["labels"].shape[0] * self.accelerator.num_processes
+            if self.accelerator.sync_gradients and (reason := self._after_optimizer_step()):
+                return reason
+        # The epoch is done: validate (if not already on a step cadence), then save the full state.
+        self.state.epoch += 1
+        self.state.batches_in_epoch = 0
+        reason = None
+        if self.eval_loader is not None and not self.config.training_options.eval_every_n_steps:
+            reason = self._evaluate_and_checkpoint()
+        self._save_last()
+        self.progress.end_epoch(**{k: v for k, v in self.last_metrics.items() if k == self.config.training_options.monitor})
+        return reason
+
+    def _training_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        training = self.config.training_options
+        with self.accelerator.accumulate(self.model):
+            sample_losses, _ = self._forward(batch)
+            loss = sample_losses.mean()
+            self.accelerator.backward(loss)
+            if self.accelerator.sync_gradients and training.max_grad_norm:
+                self._grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), training.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.state.batches_in_epoch += 1
+        return loss
+
+    def _forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-sample losses and the model's predictions (None when it only returns a loss)."""
+        features, labels = batch["features"], batch["labels"]
+        output = self.model(features, labels=labels) if self._pass_labels else self.model(features)
+        model_loss, predictions = _unpack_output(output)
+        if model_loss is not None:
+            return per_sample(model_loss, labels.shape[0]), predictions
+        if self.config.training_options.task == "regression" and predictions.numel() == labels.numel():
+            predictions = predictions.reshape(labels.shape)  # (B, 1) outputs against (B,) targets
+        try:
+            losses = self.loss_fn(predictions, labels)
+        except (RuntimeError, ValueError, IndexError) as err:
+            raise RuntimeError(
+                f"{type(self.loss_fn).__name__} cannot compare the model output of shape {tuple(predictions.shape)} "
+                f"with labels of shape {tuple(labels.shape)} (features {tuple(features.shape)}): {err}"
+            ) from err
+        return per_sample(losses, labels.shape[0]), predictions
+
+    def _after_optimizer_step(self) -> str | None:
+        training = self.config.training_options
+        if not self.accelerator.optimizer_step_was_skipped:  # fp16 overflow steps leave the schedule alone
+            self.scheduler.step()
+        self.state.step += 1
+        self.progress.advance()
+        step = self.state.step
+        if step % training.log_every_n_steps == 0:
+            self._log_training()
+        reason = None
+        if training.eval_every_n_steps and step % training.eval_every_n_steps == 0 and self.eval_loader is not None:
+            reason = self._evaluate_and_checkpoint()
+        if training.save_every_n_steps and step % training.save_every_n_steps == 0:
+            self._save_last()
+        if reason is None and training.max_steps and step >= training.max_steps:
+            reason = f"reached max_steps={training.max_steps}"
+        return reason
+
+    # ------------------------------------------------------------ logging, validation, checkpoints
+
+    def _reset_log_window(self) -> None:
+        self._loss_sum = torch.zeros((), device=self.accelerator.device)
+        self._micro_batches = 0
+        self._samples = 0
+        self._grad_norm = None
+        self._window_start = time.perf_counter()
+
+    def _log_training(self) -> None:
+        if self._micro_batches == 0:
+            return
+        # The one host sync of the loss per logging interval.
+        loss = self.accelerator.reduce(self._loss_sum / self._micro_batches, reduction="mean").item()
+        elapsed = time.perf_counter() - self._window_start
+        samples = self._samples * self.accelerator.num_processes
+        metrics = {"train_loss": loss, "lr": self.scheduler.get_last_lr()[0], "epoch": self.state.epoch,
+                   "samples_per_s": samples / max(elapsed, 1e-9)}
+        if self._grad_norm is not None:
+            metrics["grad_norm"] = float(self._grad_norm)
+        self.tracker.log(metrics, step=self.state.step)
+        self.progress.show(loss=loss, samples_per_s=metrics["samples_per_s"])
+        self._reset_log_window()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation metrics over the whole validation split, gathered from every process."""
+        self.model.eval()
+        metrics = ValidationMetrics(self.config.training_options.task, self.accelerator)
+        for batch in self.eval_loader:
+            sample_losses, predictions = self._forward(batch)
+            metrics.update(sample_losses, predictions, batch["labels"])
+        self.model.train()
+        return metrics.compute()
+
+    def _evaluate_and_checkpoint(self) -> str | None:
+        training = self.config.training_options
+        self.last_metrics = self.evaluate()
+        value = self.last_metrics[training.monitor]
+        self.checkpointer.maybe_save_top(self.model, value, self.state.epoch, self.state.step, self.last_metrics)
+        best = self.checkpointer.best
+        self.tracker.log({**self.last_metrics, "epoch": self.state.epoch,
+                          f"best_{training.monitor}": best.value if best else value}, step=self.state.step)
+        if self.early_stopping is None:
+            return None
+        should_stop, reason = self.early_stopping.update(value)
+        # Every process holds the same gathered value; the reduction makes the agreement explicit.
+        flag = self.accelerator.reduce(torch.tensor(float(should_stop), device=self.accelerator.device), reduction="sum")
+        return reason if flag.item() > 0 else None
+
+    def _save_last(self) -> None:
+        trainer_state = {
+            **self.state.state_dict(),
+            "early_stopping": self.early_stopping.state_dict() if self.early_stopping else None,
+            "config": self.config.model_dump(mode="json"),
+            "data": {"train_rows": len(self.train_loader.dataset)},
+        }
+        self.checkpointer.save_last(self.model, self.optimizer, self.scheduler, trainer_state)
+
+    # ------------------------------------------------------------ run directory and resume
+
+    def _prepare_run_dir(self) -> None:
+        experiment = self.config.experiment_options
+        if experiment.resume is False and self.checkpointer.has_checkpoints():
+            if not experiment.overwrite:
+                raise ConfigError(
+                    f"run directory {self.run_dir} already holds checkpoints. Set experiment_options.resume to true to "
+                    "continue it, choose another experiment_options.title, or set experiment_options.overwrite to true "
+                    "to delete them."
+                )
+            self.checkpointer.clear()
+        if self.accelerator.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            storage.atomic_write_json(self.run_dir / "config.json", self.config.model_dump(mode="json"))
+
+    def _maybe_resume(self) -> None:
+        resume = self.config.experiment_options.resume
+        if resume is False:
+            return
+        path = None if resume is True else Path(resume)
+        found, skipped = self.checkpointer.find_resumable(path)
+        for reason in skipped:
+            self.accelerator.print(f"resume: passing over a checkpoint: {reason}")
+        if found is None:
+            if path is not None:
+                raise ConfigError(f"experiment_options.resume: {path} is not a usable checkpoint ({'; '.join(skipped) or 'not found'}).")
+            self.accelerator.print(f"resume: no checkpoint in {self.run_dir}; starting a fresh run.")
+            return
+        saved = self.checkpointer.load(found, self.model, self.optimizer, self.scheduler)
+        self._report_resume_changes(saved)
+        if self.early_stopping and saved["early_stopping"]:
+            self.early_stopping.load_state_dict(saved["early_stopping"])
+        self.state.load_state_dict({k: saved[k] for k in asdict(self.state) if k in saved})
+        self.state.num_processes = self.accelerator.num_processes
+        self.accelerator.print(f"resume: continuing from {found} at epoch {self.state.epoch}, step {self.state.step}.")
+
+    def _report_resume_changes(self, saved: dict) -> None:
+        old, new = saved["config"], self.config.model_dump(mode="json")
+        for dotted in RESUME_SENSITIVE:
+            section, key = dotted.split(".")
+            if old[section][key] != new[section][key]:
+                self.accelerator.print(f"resume: {dotted} changed from {old[section][key]} to {new[section][key]}; "
+                                       "the data order within the epoch will differ from the original run.")
+        if saved["num_processes"] != self.accelerator.num_processes:
+            self.accelerator.print(f"resume: the checkpoint was written by {saved['num_processes']} processes, this run has "
+                                   f"{self.accelerator.num_processes}; the rest of the current epoch is resharded.")
+        if saved["data"]["train_rows"] != len(self.train_loader.dataset):
+            self.accelerator.print(f"resume: the training set had {saved['data']['train_rows']} rows and now has "
+                                   f"{len(self.train_loader.dataset)}.")
+
+    def _stop_reason_before_start(self) -> str | None:
+        training = self.config.training_options
+        if self.state.epoch >= training.n_epochs:
+            return f"completed {training.n_epochs} epochs (already done in the resumed checkpoint)"
+        if training.max_steps and self.state.step >= training.max_steps:
+            return f"reached max_steps={training.max_steps} (already done in the resumed checkpoint)"
+        return None
+
+    def _finish(self, stop_reason: str, seconds: float) -> TrainResult:
+        best = self.checkpointer.best
+        result = TrainResult(
+            run_dir=self.run_dir, monitor=self.config.training_options.monitor,
+            best_metric=best.value if best else None, best_checkpoint=best and self.run_dir / best.path,
+            last_checkpoint=self.run_dir / "last", epochs=self.state.epoch, steps=self.state.step,
+            stop_reason=stop_reason, metrics=self.last_metrics,
+        )
+        self.tracker.finish({"stop_reason": stop_reason, f"best_{result.monitor}": result.best_metric,
+                             "steps": result.steps, "epochs": result.epochs, "seconds": seconds})
+        self.accelerator.print(_summary(result, seconds, self.checkpointer.kept))
+        return result
+
+
+def _unpack_output(output: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(loss, predictions) from a tensor, a dict, or an HF ModelOutput."""
+    if isinstance(output, torch.Tensor):
+        return None, output
+    if isinstance(output, dict):  # ModelOutput is a dict too
+        return output.get("loss"), output.get("logits", output.get("predictions"))
+    if isinstance(output, (tuple, list)):
+        return None, output[0]
+    raise TypeError(f"the model returned {type(output).__name__}; return a tensor, a dict with 'loss'/'logits', or a ModelOutput.")
+
+
+def _summary(result: TrainResult, seconds: float, kept) -> str:
+    best = "n/a" if result.best_metric is None else f"{result.best_metric:.6g}"
+    lines = [
+        "", f"run finished: {result.stop_reason}",
+        f"  run directory   {result.run_dir}",
+        f"  epochs / steps  {result.epochs} / {result.steps} in {seconds:.1f} s",
+        f"  best {result.monitor:<10} {best}  ({result.best_checkpoint or 'no validation'})",
+        f"  last checkpoint {result.last_checkpoint}",
+        f"  top-k           {', '.join(e.path for e in kept) or '-'}",
+    ]
+    return "\n".join(lines)
+
+
+Trainer = AcceleratedTrainer

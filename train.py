@@ -1,0 +1,16 @@
+"""Launcher: `accelerate launch train.py --config configs/digits.json` (or `python train.py ...`).
+
+Everything lives in the accelerated_trainer package; see `python train.py --help`.
+"""
+
+import sys
+from pathlib import Path
+
+try:
+    from accelerated_trainer.cli import main
+except ImportError:  # running from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
+    from accelerated_trainer.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
