@@ -1,0 +1,334 @@
+"""checkpoint.py: the top-k decision, and the last/previous/best/top layout written through a real Accelerator."""
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from safetensors.torch import load_file
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from accelerated_trainer import storage
+from accelerated_trainer.checkpoint import INDEX, WEIGHTS, Checkpointer, Entry, select_top_k
+
+NAN = float("nan")
+
+# ---------------------------------------------------------------- the top-k decision (pure)
+
+# (values evaluated in order, k, mode) -> positions in `values` of the kept entries, best first.
+TOP_K_CASES = {
+    "min keeps the k smallest": ([0.9, 0.5, 0.7, 0.4, 0.8, 0.6], 3, "min", [3, 1, 5]),
+    "max keeps the k largest": ([0.9, 0.5, 0.7, 0.4, 0.8, 0.6], 3, "max", [0, 4, 2]),
+    "fewer values than k keeps all": ([0.3, 0.1], 5, "min", [1, 0]),
+    "k=1 keeps the best only": ([0.3, 0.1, 0.2], 1, "min", [1]),
+    "nan ranks worst in min": ([NAN, 0.5, 0.7], 2, "min", [1, 2]),
+    "nan ranks worst in max": ([NAN, 0.5, 0.7], 2, "max", [2, 1]),
+    "nan enters only while there is room": ([0.5, NAN, 0.7], 3, "min", [0, 2, 1]),
+    "nan never evicts nan": ([NAN, NAN], 1, "min", [0]),
+    "tie keeps the older entry": ([0.5, 0.5, 0.5], 2, "min", [0, 1]),
+    "tie with the worst kept does not enter": ([0.5, 0.2, 0.2], 2, "max", [0, 1]),
+    "strictly better evicts the newest of tied worst": ([0.5, 0.5, 0.4], 2, "min", [2, 0]),
+    "infinities rank as values": ([math.inf, 1.0, -math.inf], 2, "min", [2, 1]),
+    "k=-1 keeps all, best first": ([0.9, NAN, 0.5, 0.7, 0.5], -1, "min", [2, 4, 3, 0, 1]),
+    "k=0 keeps none": ([0.9, 0.5, 0.1], 0, "min", []),
+}
+
+
+@pytest.mark.parametrize(("values", "k", "mode", "expected"), TOP_K_CASES.values(), ids=TOP_K_CASES.keys())
+def test_select_top_k(values, k, mode, expected):
+    kept: list[Entry] = []
+    entries = [Entry(f"top/{i}", epoch=i, step=10 * i, value=value) for i, value in enumerate(values)]
+    for candidate in entries:
+        new_kept, evicted = select_top_k(kept, candidate, k, mode)
+        # Nothing is lost, duplicated or invented: every entry kept before is now kept or evicted.
+        out = [id(e) for e in [*new_kept, *evicted]]
+        assert len(out) == len(set(out))
+        assert {id(e) for e in kept} <= set(out) <= {id(e) for e in [*kept, candidate]}
+        kept = new_kept
+    assert [entries.index(e) for e in kept] == expected
+
+
+def test_select_top_k_does_not_mutate_the_kept_list():
+    kept = [Entry("top/a", 0, 0, 0.1), Entry("top/b", 0, 1, 0.2)]
+    before = list(kept)
+    select_top_k(kept, Entry("top/c", 0, 2, 0.05), 2, "min")
+    assert kept == before
+
+
+def test_select_top_k_zero_evicts_what_was_kept():
+    kept = [Entry("top/a", 0, 0, 0.1)]
+    new_kept, evicted = select_top_k(kept, Entry("top/b", 0, 1, 0.05), 0, "min")
+    assert new_kept == [] and evicted == kept
+
+
+# ---------------------------------------------------------------- Checkpointer with a real Accelerator
+
+
+@pytest.fixture
+def accelerator():
+    # The Accelerator state is a process-wide singleton: start clean and leave clean.
+    AcceleratorState._reset_state(True)
+    yield Accelerator(cpu=True)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def weights_of(model):
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+def assert_weights_equal(actual: dict, expected: dict):
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(actual[name], expected[name]), name
+
+
+def read_index(run_dir):
+    return storage.read_json(run_dir / INDEX)
+
+
+def test_maybe_save_top_keeps_top_k_and_best_in_step_with_the_index(tmp_path, accelerator):
+    run_dir = tmp_path / "run"
+    checkpointer = Checkpointer(run_dir, accelerator, monitor="val_loss", mode="min", save_top_k=3)
+    model = nn.Linear(3, 2)
+    values = [0.9, 0.5, 0.7, 0.4, 0.8, 0.6]
+    expected_kept = [[0.9], [0.5, 0.9], [0.5, 0.7, 0.9], [0.4, 0.5, 0.7], [0.4, 0.5, 0.7], [0.4, 0.5, 0.6]]
+    snapshots, best_call = {}, None
+
+    for call, value in enumerate(values):
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.fill_(float(call))
+        snapshots[call] = weights_of(model)
+        improved = checkpointer.maybe_save_top(model, value, epoch=call, step=100 * call, metrics={"val_loss": value})
+        assert improved == (value < min(values[:call], default=math.inf))
+        if improved:
+            best_call = call
+
+        index = read_index(run_dir)
+        assert [entry["value"] for entry in index["top_k"]] == expected_kept[call]
+        listed = {run_dir / entry["path"] for entry in index["top_k"]}
+        assert set((run_dir / "top").iterdir()) == listed  # no leftover, temporary or evicted directory
+        for entry in index["top_k"]:
+            top = run_dir / entry["path"]
+            assert storage.verify(top) is None
+            meta = storage.read_json(top / "meta.json")
+            assert meta["value"] == entry["value"] and meta["step"] == entry["step"]
+            assert_weights_equal(load_file(top / WEIGHTS), snapshots[values.index(entry["value"])])
+
+        best_meta = storage.read_json(run_dir / "best" / "meta.json")
+        assert best_meta["value"] == min(values[: call + 1])
+        assert (best_meta["epoch"], best_meta["step"], best_meta["path"]) == (best_call, 100 * best_call, "best")
+        assert best_meta["monitor"] == "val_loss" and best_meta["metrics"] == {"val_loss": values[best_call]}
+        assert index["best"] == {"path": "best", "epoch": best_call, "step": 100 * best_call, "value": values[best_call]}
+        assert storage.verify(run_dir / "best") is None
+        assert_weights_equal(load_file(run_dir / "best" / WEIGHTS), snapshots[best_call])
+
+    assert sorted(p.name for p in run_dir.iterdir()) == ["best", INDEX, "top"]
+
+
+def test_maybe_save_top_with_k_zero_still_keeps_best(tmp_path, accelerator):
+    run_dir = tmp_path / "run"
+    checkpointer = Checkpointer(run_dir, accelerator, monitor="val_accuracy", mode="max", save_top_k=0)
+    model = nn.Linear(2, 2)
+    assert checkpointer.maybe_save_top(model, 0.5, epoch=0, step=1, metrics={})
+    assert not checkpointer.maybe_save_top(model, 0.4, epoch=1, step=2, metrics={})
+    assert not checkpointer.maybe_save_top(model, NAN, epoch=2, step=3, metrics={})
+    assert read_index(run_dir)["top_k"] == []
+    assert not (run_dir / "top").exists()
+    assert storage.read_json(run_dir / "best" / "meta.json")["value"] == 0.5
+
+
+def trained(seed=0, steps=3):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    scheduler = LambdaLR(optimizer, lambda step: 1.0)
+    for _ in range(steps):
+        model(torch.randn(6, 4)).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step()
+    return model, optimizer, scheduler
+
+
+def state_step(directory):
+    return storage.read_json(directory / "state.json")["step"]
+
+
+def test_save_last_twice_rotates_last_into_previous(tmp_path, accelerator):
+    run_dir = tmp_path / "run"
+    checkpointer = Checkpointer(run_dir, accelerator, monitor="val_loss", mode="min", save_top_k=2)
+    model, optimizer, scheduler = trained()
+
+    checkpointer.save_last(model, optimizer, scheduler, {"step": 10, "epoch": 1})
+    assert state_step(run_dir / "last") == 10 and not (run_dir / "previous").exists()
+    checkpointer.save_last(model, optimizer, scheduler, {"step": 20, "epoch": 2})
+
+    assert (state_step(run_dir / "last"), state_step(run_dir / "previous")) == (20, 10)
+    assert storage.verify(run_dir / "last") is None and storage.verify(run_dir / "previous") is None
+    assert read_index(run_dir)["last"] == {"path": "last", "epoch": 2, "step": 20, "value": None}
+    assert sorted(p.name for p in run_dir.iterdir()) == [INDEX, "last", "previous"]
+    names = {p.name for p in (run_dir / "last").iterdir()}
+    assert names == {WEIGHTS, "optimizer.json", "optimizer.safetensors", "state.json", "rng-rank0.json", storage.MANIFEST}
+
+
+def test_find_resumable_prefers_last_and_falls_back_to_previous(tmp_path, accelerator):
+    run_dir = tmp_path / "run"
+    checkpointer = Checkpointer(run_dir, accelerator, monitor="val_loss", mode="min", save_top_k=2)
+    assert checkpointer.find_resumable() == (None, [])
+    model, optimizer, scheduler = trained()
+    checkpointer.save_last(model, optimizer, scheduler, {"step": 10, "epoch": 1})
+    checkpointer.save_last(model, optimizer, scheduler, {"step": 20, "epoch": 2})
+
+    assert checkpointer.find_resumable() == (run_dir / "last", [])
+
+    damaged = run_dir / "last" / "optimizer.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:-3])
+    found, skipped = checkpointer.find_resumable()
+    assert found == run_dir / "previous"
+    assert len(skipped) == 1 and "optimizer.safetensors" in skipped[0]
+
+    (run_dir / "previous" / "state.json").unlink()
+    found, skipped = checkpointer.find_resumable()
+    assert found is None and len(skipped) == 2 and "state.json" in skipped[1]
+
+
+def test_find_resumable_with_an_explicit_path(tmp_path, accelerator):
+    run_dir = tmp_path / "run"
+    checkpointer = Checkpointer(run_dir, accelerator, monitor="val_loss", mode="min", save_top_k=2)
+    model, optimizer, scheduler = trained()
+    checkpointer.save_last(model, optimizer, scheduler, {"step": 10, "epoch": 1})
+    checkpointer.save_last(model, optimizer, scheduler, {"step": 20, "epoch": 2})
+    assert checkpointer.find_resumable(run_dir / "previous") == (run_dir / "previous", [])
+    assert checkpointer.find_resumable(tmp_path / "elsewhere") == (None, [])
+
+
+def test_load_restores_model_optimizer_scheduler_rng_and_trainer_state(tmp_path, accelerator):
+    run_dir = tmp_path / "run"
+    checkpointer = Checkpointer(run_dir, accelerator, monitor="val_loss", mode="min", save_top_k=2)
+    model, optimizer, scheduler = trained(seed=0)
+    checkpointer.maybe_save_top(model, 0.3, epoch=0, step=3, metrics={})
+    saved_weights = weights_of(model)
+    saved_optimizer = optimizer.state_dict()
+    torch.manual_seed(1234)
+    random.seed(1234)
+    np.random.seed(1234)
+    checkpointer.save_last(model, optimizer, scheduler, {"step": 3, "epoch": 1, "position": [1, 2]})
+    after_save = (torch.rand(5), random.random(), np.random.rand(3))
+
+    # A different process: other weights, a fresh optimizer and scheduler, RNG elsewhere.
+    twin, twin_optimizer, twin_scheduler = trained(seed=7, steps=1)
+    torch.rand(100)
+    random.random()
+    np.random.rand(10)
+    resumed = Checkpointer(run_dir, accelerator, monitor="val_loss", mode="min", save_top_k=2)
+    trainer_state = resumed.load(run_dir / "last", twin, twin_optimizer, twin_scheduler)
+
+    after_load = (torch.rand(5), random.random(), np.random.rand(3))
+    assert torch.equal(after_load[0], after_save[0])
+    assert after_load[1] == after_save[1]
+    assert np.array_equal(after_load[2], after_save[2])
+    assert_weights_equal(weights_of(twin), saved_weights)
+    loaded = twin_optimizer.state_dict()
+    assert loaded["param_groups"] == saved_optimizer["param_groups"]
+    for index, state in saved_optimizer["state"].items():
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(loaded["state"][index][key], state[key]), (index, key)
+    assert twin_scheduler.state_dict() == scheduler.state_dict()
+    assert trainer_state == {"step": 3, "epoch": 1, "position": [1, 2]}
+    assert resumed.kept == [Entry("top/epoch000-step0000003", 0, 3, 0.3)]
+    assert resumed.best == Entry("best", 0, 3, 0.3)
+
+
+def test_load_restores_every_rng_stream(tmp_path, accelerator):
+    run_dir = tmp_path / "run"
+    checkpointer = Checkpointer(run_dir, accelerator, monitor="val_loss", mode="min", save_top_k=1)
+    model, optimizer, scheduler = trained()
+    checkpointer.save_last(model, optimizer, scheduler, {"step": 1, "epoch": 0})
+    expected = (torch.rand(5), random.random(), np.random.rand(3), np.random.randn())  # randn: numpy's cached gaussian
+
+    torch.rand(50)
+    random.random()
+    np.random.randn(7)
+    checkpointer.load(run_dir / "last", model, optimizer, scheduler)
+    actual = (torch.rand(5), random.random(), np.random.rand(3), np.random.randn())
+
+    assert torch.equal(actual[0], expected[0])
+    assert actual[1] == expected[1]
+    assert np.array_equal(actual[2], expected[2])
+    assert actual[3] == expected[3]
+
+
+def test_load_restores_the_record_of_last(tmp_path, accelerator):
+    # After resuming from `last` at step 20, the checkpointer must know `last` holds step 20: the
+    # trainer skips its final save only when checkpointer.last.step equals the current step.
+    run_dir = tmp_path / "run"
+    checkpointer = Checkpointer(run_dir, accelerator, monitor="val_loss", mode="min", save_top_k=1)
+    model, optimizer, scheduler = trained()
+    checkpointer.save_last(model, optimizer, scheduler, {"step": 10, "epoch": 1})
+    checkpointer.save_last(model, optimizer, scheduler, {"step": 20, "epoch": 2})
+
+    resumed = Checkpointer(run_dir, accelerator, monitor="val_loss", mode="min", save_top_k=1)
+    resumed.load(run_dir / "last", model, optimizer, scheduler)
+    assert resumed.last == Entry("last", 2, 20)
+
+
+@pytest.mark.parametrize(
+    "layers",
+    [
+        pytest.param([nn.Linear(4, 8), nn.Tanh()], id="checkpoint-has-extra-weights"),
+        pytest.param([nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2), nn.Linear(2, 2)], id="model-has-extra-weights"),
+    ],
+)
+def test_load_rejects_weights_that_do_not_fit(tmp_path, accelerator, layers):
+    run_dir = tmp_path / "run"
+    checkpointer = Checkpointer(run_dir, accelerator, monitor="val_loss", mode="min", save_top_k=1)
+    model, optimizer, scheduler = trained()
+    checkpointer.save_last(model, optimizer, scheduler, {"step": 1, "epoch": 0})
+    other = nn.Sequential(*layers)
+    other_optimizer = torch.optim.AdamW(other.parameters())
+    with pytest.raises(storage.CheckpointError, match="does not fit the model"):
+        checkpointer.load(run_dir / "last", other, other_optimizer, LambdaLR(other_optimizer, lambda s: 1.0))
+
+
+class TiedLM(nn.Module):
+    def __init__(self, vocab=11, dim=4):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.body = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.body(self.emb(tokens))))
+
+
+def test_tied_weights_save_once_and_load_tied(tmp_path, accelerator):
+    run_dir = tmp_path / "run"
+    checkpointer = Checkpointer(run_dir, accelerator, monitor="val_loss", mode="min", save_top_k=1)
+    torch.manual_seed(0)
+    model = TiedLM()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    scheduler = LambdaLR(optimizer, lambda step: 1.0)
+    nn.functional.cross_entropy(model(torch.tensor([1, 2, 3])), torch.tensor([4, 5, 6])).backward()
+    optimizer.step()
+    checkpointer.save_last(model, optimizer, scheduler, {"step": 1, "epoch": 0})
+    saved = weights_of(model)
+
+    stored = load_file(run_dir / "last" / WEIGHTS)
+    assert len({"emb.weight", "head.weight"} & stored.keys()) == 1  # the shared matrix is stored once
+
+    torch.manual_seed(99)
+    fresh = TiedLM()
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=0.01)
+    assert not torch.equal(fresh.emb.weight, saved["emb.weight"])
+    checkpointer.load(run_dir / "last", fresh, fresh_optimizer, LambdaLR(fresh_optimizer, lambda step: 1.0))
+
+    assert fresh.head.weight is fresh.emb.weight
+    assert_weights_equal(weights_of(fresh), saved)
+    assert torch.equal(fresh.head.weight, saved["emb.weight"])

@@ -1,0 +1,101 @@
+"""Config validation: every error names the JSON path; every shipped config loads."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from accelerated_trainer.config import ConfigError, json_schema, load_config
+
+from conftest import REPO, digits_config
+
+CONFIG_FILES = sorted(p for p in (REPO / "configs").rglob("*") if p.suffix in (".json", ".yaml", ".yml") and p.name != "schema.json")
+
+
+def test_there_are_configs_to_check():
+    assert len(CONFIG_FILES) > 0
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_shipped_config_loads(path):
+    config = load_config(path)
+    assert config.model_options is not None, "shipped configs are CLI runs and name their model"
+
+
+def test_shipped_schema_is_current():
+    shipped = json.loads((REPO / "configs" / "schema.json").read_text())
+    assert shipped == json_schema(), "regenerate with: python train.py --schema > configs/schema.json"
+
+
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        # a typo names the path and the close match
+        (lambda c: c["dataset_options"].update(batch_sise=3), ["dataset_options.batch_sise", "dataset_options.batch_size"]),
+        (lambda c: c.update(trainng_options={}), ["trainng_options", "training_options"]),
+        (lambda c: c["training_options"]["optimizer"].update(lrr=0.1), ["training_options.optimizer.lrr", "training_options.optimizer.lr"]),
+        # a wrong type names the path and the bad value
+        (lambda c: c["dataset_options"].update(batch_size="big"), ["dataset_options.batch_size", '"big"']),
+        (lambda c: c["training_options"].update(n_epochs=0), ["training_options.n_epochs", "greater than or equal to 1"]),
+        (lambda c: c["training_options"].update(mixed_precision="fp8"), ["training_options.mixed_precision", "'bf16'"]),
+        (lambda c: c["experiment_options"].update(resume=3.5), ["experiment_options.resume", "3.5"]),
+        # a metric the task does not produce
+        (lambda c: c["training_options"].update(monitor="val_acc"), ["training_options.monitor", "val_accuracy"]),
+        (lambda c: c["dataset_options"].pop("feature_columns"), ["dataset_options.feature_columns", "missing"]),
+    ],
+)
+def test_invalid_config_names_the_path(tmp_path, mutate, expected):
+    config = digits_config(tmp_path)
+    mutate(config)
+    with pytest.raises(ConfigError) as err:
+        load_config(config)
+    for fragment in expected:
+        assert fragment in str(err.value)
+
+
+def test_missing_config_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.json")
+
+
+def test_malformed_json_names_the_file(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text('{"dataset_options": {')
+    with pytest.raises(ConfigError, match="bad.json.*not valid JSON"):
+        load_config(path)
+
+
+def test_yaml_config_and_overrides(tmp_path):
+    import yaml
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(digits_config(tmp_path)))
+    config = load_config(path, ["training_options.n_epochs=7", "training_options.optimizer.lr=0.5",
+                                "experiment_options.title=other", "model_options.kwargs.hidden_dims=[8,8]"])
+    assert config.training_options.n_epochs == 7
+    assert config.training_options.optimizer.lr == 0.5
+    assert config.experiment_options.title == "other"
+    assert config.model_options.kwargs["hidden_dims"] == [8, 8]
+    assert config.run_dir == Path(tmp_path) / "other"
+
+
+def test_override_into_a_value_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="training_options.n_epochs is a value"):
+        load_config(digits_config(tmp_path), ["training_options.n_epochs.x=1"])
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(digits_config(tmp_path), ["no_equals_sign"])
+
+
+def test_shorthands_of_the_original_spec(tmp_path):
+    config = digits_config(tmp_path, training_options={"early_stopping": 4, "loss_function": "NLLLoss", "optimizer": "SGD"})
+    options = load_config(config).training_options
+    assert options.early_stopping.patience == 4
+    assert options.loss_function.name == "NLLLoss"
+    assert options.optimizer.name == "SGD"
+
+
+@pytest.mark.parametrize("monitor, mode", [("val_loss", "min"), ("val_accuracy", "max")])
+def test_mode_follows_the_monitored_metric(tmp_path, monitor, mode):
+    config = digits_config(tmp_path, training_options={"monitor": monitor})
+    config["training_options"].pop("mode", None)
+    assert load_config(config).training_options.mode == mode

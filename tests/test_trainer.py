@@ -1,0 +1,219 @@
+"""End-to-end training through the Python API on the shipped digits data."""
+
+import json
+
+import datasets
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from accelerated_trainer import AcceleratedTrainer, ConfigError, DataError, Trainer
+
+from conftest import DIGITS, digits_config
+
+
+def weights(run_dir, name="last"):
+    return load_file(str(run_dir / name / "model.safetensors"))
+
+
+def metric_rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_trainer_alias_is_the_same_class():
+    assert Trainer is AcceleratedTrainer
+
+
+def test_trains_digits_and_reports_the_result(tmp_path):
+    config = digits_config(tmp_path, training_options={"n_epochs": 12})
+    result = AcceleratedTrainer(None, config).train()
+    assert result.best_metric >= 0.95, result
+    assert result.monitor == "val_accuracy"
+    assert result.epochs == 12 and result.steps == 12 * 23  # 1438 rows / 64 per batch
+    assert result.stop_reason == "completed 12 epochs"
+    index = json.loads((result.run_dir / "checkpoints.json").read_text())
+    assert [e["value"] for e in index["top_k"]] == sorted((e["value"] for e in index["top_k"]), reverse=True)
+    assert len(index["top_k"]) == 3 and index["best"]["value"] == result.best_metric
+    for entry in index["top_k"]:
+        assert (result.run_dir / entry["path"] / "model.safetensors").is_file()
+    assert result.best_checkpoint == result.run_dir / "best"
+    rows = metric_rows(result.run_dir)
+    assert {"train_loss", "lr", "samples_per_s"} <= set(rows[0])
+    assert sum("val_accuracy" in row for row in rows) == 12
+    assert json.loads((result.run_dir / "config.json").read_text())["training_options"]["n_epochs"] == 12
+
+
+def test_accepts_a_model_and_in_memory_datasets(tmp_path):
+    train = datasets.Dataset.from_parquet(str(DIGITS / "train.parquet"))
+    validation = datasets.Dataset.from_parquet(str(DIGITS / "validation.parquet"))
+    config = digits_config(tmp_path, training_options={"n_epochs": 6})
+    config["dataset_options"]["data_files"] = {}
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    result = AcceleratedTrainer(model, config, train_dataset=train, eval_dataset=validation).train()
+    assert result.metrics["val_accuracy"] > 0.8
+    assert set(weights(result.run_dir)) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+
+
+class OwnLoss(nn.Module):
+    """Returns its own loss (twice the cross-entropy) in a dict, as HF models do in ModelOutput."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Linear(64, 10)
+        self.calls_with_labels = 0
+
+    def forward(self, features, labels=None):
+        logits = self.net(features)
+        out = {"logits": logits}
+        if labels is not None:
+            self.calls_with_labels += 1
+            out["loss"] = 2 * nn.functional.cross_entropy(logits, labels)
+        return out
+
+
+def test_uses_the_loss_the_model_returns(tmp_path):
+    model = OwnLoss()
+    trainer = AcceleratedTrainer(model, digits_config(tmp_path, training_options={"n_epochs": 1}))
+    trainer.train()
+    assert model.calls_with_labels > 0
+    validation = datasets.Dataset.from_parquet(str(DIGITS / "validation.parquet")).with_format("torch")[:]
+    with torch.no_grad():
+        expected = 2 * nn.functional.cross_entropy(model.net(validation["pixels"]), validation["label"]).item()
+    assert trainer.evaluate()["val_loss"] == pytest.approx(expected, rel=1e-5)
+
+
+class Crash(Exception):
+    pass
+
+
+class CrashingTrainer(AcceleratedTrainer):
+    """Dies right after optimizer step `crash_after`, before anything of that step is saved."""
+
+    crash_after = 0
+
+    def _after_optimizer_step(self):
+        if self.state.step + 1 == self.crash_after:
+            raise Crash
+        return super()._after_optimizer_step()
+
+
+def assert_same_weights(run_a, run_b):
+    a, b = weights(run_a), weights(run_b)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.parametrize("save_every, crash_after, resumed_at", [
+    (None, 50, (2, 0, 46)),  # after the end-of-epoch checkpoint of epoch 2
+    (10, 35, (1, 7, 30)),  # mid-epoch: the step-30 checkpoint is 7 batches into epoch 1
+])
+def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, save_every, crash_after, resumed_at):
+    options = {"n_epochs": 4, "save_every_n_steps": save_every}
+    straight = AcceleratedTrainer(None, digits_config(tmp_path / "a", training_options=options)).train()
+    config = digits_config(tmp_path / "b", training_options=options)
+    CrashingTrainer.crash_after = crash_after
+    with pytest.raises(Crash):
+        CrashingTrainer(None, config).train()
+    run_dir = tmp_path / "b" / "digits-mlp"
+    state = json.loads((run_dir / "last" / "state.json").read_text())
+    assert (state["epoch"], state["batches_in_epoch"], state["step"]) == resumed_at
+
+    config["experiment_options"]["resume"] = True
+    resumed = AcceleratedTrainer(None, config).train()
+    assert resumed.steps == straight.steps == 4 * 23
+    # Bit for bit: optimizer moments, schedule, dropout RNG and the data position were all restored.
+    assert_same_weights(straight.run_dir, resumed.run_dir)
+    index = json.loads((run_dir / "checkpoints.json").read_text())
+    assert index["last"]["step"] == 92
+    steps = [row["step"] for row in metric_rows(run_dir) if "train_loss" in row]
+    assert steps == sorted(set(steps)), "a resumed run logs no step twice"
+
+
+def test_resume_from_an_explicit_checkpoint_path(tmp_path):
+    AcceleratedTrainer(None, digits_config(tmp_path, training_options={"n_epochs": 2})).train()
+    checkpoint = tmp_path / "digits-mlp" / "previous"  # the state after epoch 1
+    config = digits_config(tmp_path, training_options={"n_epochs": 2}, experiment_options={"resume": str(checkpoint)})
+    result = AcceleratedTrainer(None, config).train()
+    assert result.steps == 46
+    with pytest.raises(ConfigError, match="experiment_options.resume"):
+        bad = digits_config(tmp_path, experiment_options={"resume": str(tmp_path / "missing")})
+        AcceleratedTrainer(None, bad).train()
+
+
+def test_fresh_run_never_deletes_existing_checkpoints(tmp_path):
+    config = digits_config(tmp_path, training_options={"n_epochs": 1})
+    AcceleratedTrainer(None, config).train()
+    before = weights(tmp_path / "digits-mlp")
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        AcceleratedTrainer(None, config).train()
+    after = weights(tmp_path / "digits-mlp")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    config["experiment_options"]["overwrite"] = True
+    assert AcceleratedTrainer(None, config).train().steps == 23
+
+
+def test_bf16_mixed_precision_on_cpu(tmp_path):
+    config = digits_config(tmp_path, training_options={"n_epochs": 3, "mixed_precision": "bf16"})
+    trainer = AcceleratedTrainer(None, config)
+    assert trainer.accelerator.mixed_precision == "bf16"
+    result = trainer.train()
+    assert result.metrics["val_accuracy"] > 0.8
+    assert all(t.dtype == torch.float32 for t in weights(result.run_dir).values())  # master weights stay fp32
+
+
+def test_fp16_without_a_gpu_says_what_to_use(tmp_path):
+    with pytest.raises(ConfigError, match="bf16"):
+        AcceleratedTrainer(None, digits_config(tmp_path, training_options={"mixed_precision": "fp16"}))
+
+
+def test_early_stopping_stops_after_patience(tmp_path):
+    # min_delta larger than any possible change: the first evaluation stays the best.
+    config = digits_config(tmp_path, training_options={
+        "n_epochs": 20, "monitor": "val_loss", "early_stopping": {"patience": 3, "min_delta": 100.0}})
+    result = AcceleratedTrainer(None, config).train()
+    assert result.epochs == 4
+    assert "early stopping" in result.stop_reason
+    state = json.loads((result.run_dir / "last" / "state.json").read_text())
+    assert state["early_stopping"]["evaluations_without_improvement"] == 3
+
+
+def test_gradient_accumulation_and_max_steps(tmp_path):
+    config = digits_config(tmp_path, training_options={"gradient_accumulation_steps": 2, "max_steps": 20,
+                                                       "max_grad_norm": 1.0, "eval_every_n_steps": 5})
+    trainer = AcceleratedTrainer(None, config)
+    assert trainer.steps_per_epoch == 12  # 23 batches, 2 per optimizer step, the last one alone
+    result = trainer.train()
+    assert result.steps == 20 and "max_steps" in result.stop_reason
+    rows = metric_rows(result.run_dir)
+    assert [r["step"] for r in rows if "val_loss" in r] == [5, 10, 15, 20]
+    assert all("grad_norm" in r for r in rows if "train_loss" in r)
+
+
+def test_regression_on_stacked_scalar_columns(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 4, generator=generator)
+    y = x @ torch.tensor([1.5, -2.0, 0.5, 3.0]) + 0.1
+    columns = {f"x{i}": x[:, i].tolist() for i in range(4)} | {"y": y.tolist()}
+    config = digits_config(tmp_path, training_options={"task": "regression", "monitor": "val_mse", "n_epochs": 15,
+                                                       "loss_function": "MSELoss"},
+                           dataset_options={"feature_columns": ["x0", "x1", "x2", "x3"], "label_column": "y",
+                                            "data_files": {}, "validation_split": 0.2},
+                           model_options={"name": "mlp", "kwargs": {"hidden_dims": [32]}})
+    result = AcceleratedTrainer(None, config, train_dataset=datasets.Dataset.from_dict(columns)).train()
+    assert result.monitor == "val_mse" and result.best_metric < 0.1
+    assert result.metrics["val_mae"] < 0.3
+
+
+def test_missing_data_file_names_the_key(tmp_path):
+    config = digits_config(tmp_path)
+    config["dataset_options"]["data_files"]["train"] = str(tmp_path / "nope.parquet")
+    with pytest.raises(DataError, match="dataset_options.data_files.train.*nope.parquet"):
+        AcceleratedTrainer(None, config)
+
+
+def test_wrong_output_shape_names_the_shapes(tmp_path):
+    model = nn.Linear(64, 3)  # 3 outputs for labels 0..9
+    with pytest.raises(RuntimeError, match=r"output of shape \(64, 3\).*labels of shape \(64,\)"):
+        AcceleratedTrainer(model, digits_config(tmp_path)).train()
