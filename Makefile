@@ -1,0 +1,27 @@
+# Set-up and the two everyday commands. `make train` and `make test` create .venv on first use.
+# GPU users: install the torch build for your CUDA first (or pass TORCH=...), it is kept.
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: venv train test clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# A bare `torch` requirement can pull a multi-GB CUDA build: install the pinned one first, unless present.
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+train: venv
+	$(BIN)/python train.py --config configs/digits.json --set experiment_options.overwrite=true
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf runs wandb
