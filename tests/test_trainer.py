@@ -107,7 +107,7 @@ def assert_same_weights(run_a, run_b):
 
 @pytest.mark.parametrize("save_every, crash_after, resumed_at", [
     (None, 50, (2, 0, 46)),  # after the end-of-epoch checkpoint of epoch 2
-    (10, 35, (1, 7, 30)),  # mid-epoch: the step-30 checkpoint is 7 batches into epoch 1
+    (10, 35, (1, 7 * 64, 30)),  # mid-epoch: the step-30 checkpoint is 7 batches into epoch 1
 ])
 def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, save_every, crash_after, resumed_at):
     options = {"n_epochs": 4, "save_every_n_steps": save_every}
@@ -118,7 +118,7 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, save_every,
         CrashingTrainer(None, config).train()
     run_dir = tmp_path / "b" / "digits-mlp"
     state = json.loads((run_dir / "last" / "state.json").read_text())
-    assert (state["epoch"], state["batches_in_epoch"], state["step"]) == resumed_at
+    assert (state["epoch"], state["samples_in_epoch"], state["step"]) == resumed_at
 
     config["experiment_options"]["resume"] = True
     resumed = AcceleratedTrainer(None, config).train()

@@ -120,27 +120,28 @@ class Checkpointer:
         so every process takes the same decision.
         """
         candidate = Entry(f"top/epoch{epoch:03d}-step{step:07d}", epoch, step, value)
-        kept, evicted = select_top_k(self.kept, candidate, self.save_top_k, self.mode)
+        # A replayed evaluation (after a resume) replaces its own earlier checkpoint.
+        others = [entry for entry in self.kept if entry.path != candidate.path]
+        kept, evicted = select_top_k(others, candidate, self.save_top_k, self.mode)
         enters = candidate in kept
         improves = is_improvement(value, self.best.value if self.best else None, self.mode)
-        if not (enters or improves):
-            return False
-        model_state = self.accelerator.get_state_dict(model)
-        if self.accelerator.is_main_process:
-            meta = {**asdict(candidate), "monitor": self.monitor, "mode": self.mode, "metrics": metrics}
-            if enters:
-                self._write_weights_dir(self.run_dir / candidate.path, model_state, meta)
-            if improves:
-                self._write_weights_dir(self.run_dir / "best", model_state, {**meta, "path": "best"})
+        if enters or improves:
+            model_state = self.accelerator.get_state_dict(model)
+            if self.accelerator.is_main_process:
+                meta = {**asdict(candidate), "monitor": self.monitor, "mode": self.mode, "metrics": metrics}
+                if enters:
+                    self._write_weights_dir(self.run_dir / candidate.path, model_state, meta)
+                if improves:
+                    self._write_weights_dir(self.run_dir / "best", model_state, {**meta, "path": "best"})
         if improves:
             self.best = Entry("best", epoch, step, value)
         self.kept = kept
         if self.accelerator.is_main_process:
-            # The index first stops listing an evicted checkpoint, then it is deleted.
+            # The index first stops listing a checkpoint, then it is deleted. A candidate that did not
+            # enter can still have a directory: its own, from before a crash, when this is a replay.
             self._write_index()
-            for entry in evicted:
-                if entry is not candidate:
-                    storage.remove(self.run_dir / entry.path)
+            for entry in [e for e in evicted if e is not candidate] + ([] if enters else [candidate]):
+                storage.remove(self.run_dir / entry.path)
         self.accelerator.wait_for_everyone()
         return improves
 
@@ -202,10 +203,43 @@ class Checkpointer:
         if scaler is not None and "scaler" in state:
             scaler.load_state_dict(state.pop("scaler"))
         self.load_state_dict(state.pop("checkpoints"))
+        self._reconcile()
         rng_file = directory / f"rng-rank{self.accelerator.process_index}.json"
         if rng_file.is_file():
             restore_rng(storage.read_json(rng_file))
         return state
+
+    def _reconcile(self) -> None:
+        """Make the lists and the index agree with the disk after a crash or a fallback.
+
+        The resumed state lists the checkpoints as they were at that save; evaluations after it
+        may have written or evicted checkpoints before the crash. The lists become what verifies
+        on disk: listed entries that no longer verify are dropped, and whole top-k directories
+        the state does not know are adopted (a replayed evaluation then replaces its own). Nothing
+        is deleted here. The main process decides; every process gets its lists.
+        """
+        decision = [None]
+        if self.accelerator.is_main_process:
+            found = {}
+            for meta_file in sorted(self.run_dir.glob("top/*/meta.json")):
+                if storage.verify(meta_file.parent) is None:
+                    meta = storage.read_json(meta_file)
+                    found[meta["path"]] = Entry(meta["path"], meta["epoch"], meta["step"], meta["value"])
+            kept = sorted(found.values(), key=lambda e: (rank_key(e.value, self.mode), e.step))
+            best = None
+            if storage.verify(self.run_dir / "best") is None:
+                meta = storage.read_json(self.run_dir / "best" / "meta.json")
+                best = Entry("best", meta["epoch"], meta["step"], meta["value"])
+            decision = [([asdict(e) for e in kept], best and asdict(best))]
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(decision)
+        kept, best = decision[0]
+        self.kept, self.best = [Entry(**e) for e in kept], best and Entry(**best)
+        if self.accelerator.is_main_process:
+            self._write_index()
+        self.accelerator.wait_for_everyone()
 
     def state_dict(self) -> dict:
         return {

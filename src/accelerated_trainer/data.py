@@ -170,24 +170,45 @@ class RowByRow(ColumnarBatches):
 
 
 class EpochSampler(Sampler[int]):
-    """Row order as a pure function of (seed, epoch), so any epoch can be replayed on resume."""
+    """Row order as a pure function of (seed, epoch), from a position within the epoch.
 
-    def __init__(self, num_rows: int, seed: int, shuffle: bool):
-        self.num_rows, self.seed, self.shuffle, self.epoch = num_rows, seed, shuffle, 0
+    `start` is the number of samples of this epoch already consumed by all processes
+    together: a resume serves the rest of the same permutation, which accelerate then shards
+    over however many processes there are now, so no sample is repeated or skipped.
+
+    With several processes the epoch is padded (with its own first rows) or, with drop_last,
+    cut to whole rounds of `batch_size x processes`, so every process gets full batches. The
+    sampler does this rather than accelerate's `even_batches`, which pads from wherever the
+    iteration began and so would pad differently after a mid-epoch resume.
+    """
+
+    def __init__(self, num_rows: int, seed: int, shuffle: bool, round_size: int = 1, drop_last: bool = False):
+        self.num_rows, self.seed, self.shuffle = num_rows, seed, shuffle
+        self.round_size, self.drop_last = round_size, drop_last
+        self.epoch = self.start = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __iter__(self) -> Iterator[int]:
+    def permutation(self) -> list[int]:
         if not self.shuffle:
-            return iter(range(self.num_rows))
-        # SeedSequence mixes (seed, epoch): seed 43 epoch 0 is not seed 42 epoch 1.
-        mixed = int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1, dtype=np.uint64)[0])
-        generator = torch.Generator().manual_seed(mixed)
-        return iter(torch.randperm(self.num_rows, generator=generator).tolist())
+            order = list(range(self.num_rows))
+        else:
+            # SeedSequence mixes (seed, epoch): seed 43 epoch 0 is not seed 42 epoch 1.
+            mixed = int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1, dtype=np.uint64)[0])
+            order = torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(mixed)).tolist()
+        length = self.epoch_length()
+        return order[:length] if length <= len(order) else (order * -(-length // len(order)))[:length]
+
+    def epoch_length(self) -> int:
+        rounds = self.num_rows // self.round_size if self.drop_last else -(-self.num_rows // self.round_size)
+        return self.num_rows if self.round_size == 1 and not self.drop_last else rounds * self.round_size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.permutation()[self.start:])
 
     def __len__(self) -> int:
-        return self.num_rows
+        return self.epoch_length() - self.start
 
 
 def _whole_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -203,9 +224,14 @@ def build_loader(
     batch_size: int,
     seed: int,
     train: bool,
+    num_processes: int = 1,
     collate_fn: Callable | None = None,
 ) -> DataLoader:
-    """A DataLoader over `dataset` ready for `accelerator.prepare`."""
+    """A DataLoader over `dataset` ready for `accelerator.prepare`.
+
+    Training batches come in whole rounds over the processes (see EpochSampler); validation
+    keeps every row once and leaves the padding to accelerate, whose gather_for_metrics drops it.
+    """
     if options.vectorization and collate_fn is not None:
         raise ConfigError("a custom collate_fn needs the per-row path: set dataset_options.vectorization to false.")
     rows_class = ColumnarBatches if options.vectorization else RowByRow
@@ -213,8 +239,10 @@ def build_loader(
     return DataLoader(
         rows,
         batch_size=batch_size,
-        sampler=EpochSampler(len(rows), seed, shuffle=train and options.shuffle),
-        drop_last=train and options.drop_last,
+        sampler=EpochSampler(len(rows), seed, shuffle=train and options.shuffle,
+                             round_size=batch_size * num_processes if train and num_processes > 1 else 1,
+                             drop_last=train and options.drop_last),
+        drop_last=train and options.drop_last and num_processes == 1,
         collate_fn=_whole_batch if options.vectorization else collate_fn,
         num_workers=options.num_workers,
         # Its own generator: creating an iterator then draws no number from the global RNG,

@@ -38,8 +38,8 @@ class TrainingState:
 
     step: int = 0  # optimizer steps done
     epoch: int = 0  # current epoch, 0-based
-    batches_in_epoch: int = 0  # micro-batches each process consumed in the current epoch
-    samples_seen: int = 0  # training samples consumed, all processes together
+    samples_in_epoch: int = 0  # samples of the current epoch consumed, all processes together
+    samples_seen: int = 0  # training samples consumed in the whole run
     run_id: str | None = None  # the tracker run continued on resume
     num_processes: int = 1
 
@@ -126,10 +126,13 @@ class AcceleratedTrainer:
             raise ConfigError("training_options.early_stopping needs validation data: set dataset_options.data_files.validation or validation_split.")
         label_dtype = torch.long if training.task == "classification" else torch.float32
         loader = lambda split, train, size: data.build_loader(  # noqa: E731
-            split, opts, label_dtype=label_dtype, batch_size=size, seed=training.seed, train=train, collate_fn=collate_fn)
+            split, opts, label_dtype=label_dtype, batch_size=size, seed=training.seed, train=train,
+            num_processes=self.accelerator.num_processes, collate_fn=collate_fn)
         self.train_loader = loader(splits.train, True, opts.batch_size)
+        self.train_sampler = self.train_loader.sampler  # the same object inside the prepared loader
         self.eval_loader = splits.validation and loader(splits.validation, False, opts.eval_batch_size or opts.batch_size)
         self.data_info = data.describe(splits.train, opts, training.task)
+        self.data_fingerprint = splits.train._fingerprint  # datasets' content hash of the training split
 
     def _build_model(self, model: torch.nn.Module | None) -> None:
         training = self.config.training_options
@@ -145,6 +148,7 @@ class AcceleratedTrainer:
         if self.eval_loader is not None:
             self.eval_loader = self.accelerator.prepare(self.eval_loader)
         self.steps_per_epoch = -(-len(self.train_loader) // training.gradient_accumulation_steps)
+        self._samples_per_micro_batch = self.config.dataset_options.batch_size * self.accelerator.num_processes
         total = self.steps_per_epoch * training.n_epochs
         self.total_steps = min(total, training.max_steps) if training.max_steps else total
         # Stepped by hand once per optimizer step: accelerate's wrapper would step it once per process.
@@ -186,11 +190,12 @@ class AcceleratedTrainer:
     def _train_epoch(self) -> str | None:
         """Train to the end of the current epoch; return a stop reason if training must stop."""
         self.train_loader.set_epoch(self.state.epoch)
-        skip = self.state.batches_in_epoch
-        batches = self.accelerator.skip_first_batches(self.train_loader, skip) if skip else self.train_loader
-        self.progress.start_epoch(self.state.epoch, self.steps_per_epoch, skip // self.config.training_options.gradient_accumulation_steps)
+        # Resume mid-epoch: the sampler serves the rest of this epoch's permutation.
+        self.train_sampler.start = self.state.samples_in_epoch
+        done = self.state.samples_in_epoch // (self._samples_per_micro_batch * self.config.training_options.gradient_accumulation_steps)
+        self.progress.start_epoch(self.state.epoch, self.steps_per_epoch, done)
         self._reset_log_window()
-        for batch in batches:
+        for batch in self.train_loader:
             loss = self._training_step(batch)
             self._loss_sum += loss.detach()
             self._micro_batches += 1
@@ -200,7 +205,7 @@ class AcceleratedTrainer:
                 return reason
         # The epoch is done: validate (if not already on a step cadence), then save the full state.
         self.state.epoch += 1
-        self.state.batches_in_epoch = 0
+        self.state.samples_in_epoch = 0
         reason = None
         if self.eval_loader is not None and not self.config.training_options.eval_every_n_steps:
             reason = self._evaluate_and_checkpoint()
@@ -218,7 +223,8 @@ class AcceleratedTrainer:
                 self._grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), training.max_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        self.state.batches_in_epoch += 1
+        # Counted in full batches: every micro-batch but an epoch's last is full, and the epoch end resets it.
+        self.state.samples_in_epoch += self._samples_per_micro_batch
         return loss
 
     def _forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -312,7 +318,7 @@ class AcceleratedTrainer:
             **self.state.state_dict(),
             "early_stopping": self.early_stopping.state_dict() if self.early_stopping else None,
             "config": self.config.model_dump(mode="json"),
-            "data": {"train_rows": len(self.train_loader.dataset)},
+            "data": {"train_rows": self.train_sampler.num_rows, "train_fingerprint": self.data_fingerprint},
         }
         self.checkpointer.save_last(self.model, self.optimizer, self.scheduler, trainer_state)
 
@@ -363,9 +369,10 @@ class AcceleratedTrainer:
         if saved["num_processes"] != self.accelerator.num_processes:
             self.accelerator.print(f"resume: the checkpoint was written by {saved['num_processes']} processes, this run has "
                                    f"{self.accelerator.num_processes}; the rest of the current epoch is resharded.")
-        if saved["data"]["train_rows"] != len(self.train_loader.dataset):
-            self.accelerator.print(f"resume: the training set had {saved['data']['train_rows']} rows and now has "
-                                   f"{len(self.train_loader.dataset)}.")
+        if saved["data"]["train_fingerprint"] != self.data_fingerprint:
+            self.accelerator.print(f"resume: the training data changed since the checkpoint (fingerprint "
+                                   f"{saved['data']['train_fingerprint']} -> {self.data_fingerprint}, "
+                                   f"{saved['data']['train_rows']} -> {self.train_sampler.num_rows} rows).")
 
     def _stop_reason_before_start(self) -> str | None:
         training = self.config.training_options

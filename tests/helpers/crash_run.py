@@ -1,0 +1,73 @@
+"""train.py's command line in a process that SIGKILLs itself at a chosen moment (crash tests).
+
+CRASH_AT selects the moment, N counting from 1:
+  step:N     right after optimizer step N, before anything of that step is saved
+  seal:N     in the N-th save of `last`: every file written, the manifest not yet
+  publish:N  in the N-th publish of `last`: the old `last` already moved to `previous`,
+             the new one not yet renamed into place
+CRASH_RANK is the process that dies (default 0); under a launcher the others are then ended by it.
+"""
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
+
+from accelerated_trainer import cli, storage  # noqa: E402
+from accelerated_trainer.trainer import AcceleratedTrainer  # noqa: E402
+
+point, _, nth = os.environ["CRASH_AT"].partition(":")
+nth = int(nth)
+calls = {"count": 0}
+
+
+def die() -> None:
+    sys.stdout.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def is_nth_last_save(directory: Path) -> bool:
+    if directory.name not in (".last.tmp", "last"):
+        return False
+    calls["count"] += 1
+    return calls["count"] == nth
+
+
+if int(os.environ.get("RANK", "0")) == int(os.environ.get("CRASH_RANK", "0")):
+    if point == "step":
+        after_step = AcceleratedTrainer._after_optimizer_step
+
+        def _after_optimizer_step(self):
+            if self.state.step + 1 == nth:
+                die()
+            return after_step(self)
+
+        AcceleratedTrainer._after_optimizer_step = _after_optimizer_step
+    elif point == "seal":
+        seal = storage.seal
+
+        def _seal(directory):
+            if is_nth_last_save(directory):
+                die()
+            return seal(directory)
+
+        storage.seal = _seal
+    elif point == "publish":
+        publish = storage.publish
+
+        def _publish(tmp, dest, keep_previous=None):
+            if is_nth_last_save(dest) and keep_previous is not None and dest.exists():
+                # The first half of publish(): previous set aside, last moved to previous.
+                if keep_previous.exists():
+                    keep_previous.rename(dest.with_name(f".{dest.name}.trash-previous"))
+                dest.rename(keep_previous)
+                die()
+            return publish(tmp, dest, keep_previous)
+
+        storage.publish = _publish
+    else:
+        raise SystemExit(f"unknown CRASH_AT {point!r}")
+
+sys.exit(cli.main(sys.argv[1:]))
