@@ -181,10 +181,20 @@ class ExperimentOptions(_Section):
     a path: continue from that checkpoint directory."""
     overwrite: bool = False
     """Allow a fresh run into a run directory that already holds checkpoints (they are deleted)."""
+    trackers: list[Literal["wandb", "tensorboard"]] = Field(default_factory=lambda: ["wandb"])
+    """Trackers that receive every logged value through accelerate: wandb, tensorboard (event
+    files under {run_dir}/tensorboard), both, or [] for none. metrics.jsonl is always written;
+    wandb.mode "disabled" also turns wandb off."""
     wandb: WandbOptions = Field(default_factory=WandbOptions)
-    """Weights & Biases tracking through accelerate."""
+    """Weights & Biases settings, used when trackers lists wandb."""
     progress_bar: bool = True
     """tqdm progress bars on the main process."""
+
+    @field_validator("trackers")
+    @classmethod
+    def _unique_trackers(cls, trackers: list[str]) -> list[str]:
+        # accelerate would start a tracker listed twice only once; say it once here too.
+        return list(dict.fromkeys(trackers))
 
 
 class ModelOptions(_Named):

@@ -1,6 +1,7 @@
-"""What a run reports: metrics.jsonl (always), accelerate's wandb tracker, and tqdm progress.
+"""What a run reports: metrics.jsonl (always), accelerate's trackers (wandb, tensorboard), tqdm progress.
 
-The tracker lifecycle is accelerate's: `init_trackers` / `log` / `end_training`, main process only.
+The tracker lifecycle is accelerate's: `init_trackers` / `log` / each tracker's `finish`, main
+process only.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .config import ExperimentOptions, WandbOptions
+from .config import ConfigError, ExperimentOptions, WandbOptions
 
 
 def wandb_mode(options: WandbOptions) -> str:
@@ -38,15 +39,27 @@ def _has_wandb_credentials() -> bool:
 
 
 def trackers_for(options: ExperimentOptions) -> list[str]:
-    """The `log_with` list for the Accelerator."""
-    return [] if wandb_mode(options.wandb) == "disabled" else ["wandb"]
+    """The `log_with` list for the Accelerator: the configured trackers, less a disabled wandb.
+
+    Raises:
+        ConfigError: tensorboard is configured but not installed (accelerate would drop it silently).
+    """
+    names = [name for name in options.trackers if name != "wandb" or wandb_mode(options.wandb) != "disabled"]
+    if "tensorboard" in names:
+        from accelerate.utils import is_tensorboard_available
+
+        if not is_tensorboard_available():
+            raise ConfigError("experiment_options.trackers lists \"tensorboard\" but the tensorboard package is not "
+                              "installed: pip install tensorboard (or pip install \"accelerated-trainer[tensorboard]\"), "
+                              "or remove it from the list.")
+    return names
 
 
 class Tracker:
-    """Logs metrics to metrics.jsonl and, through accelerate, to W&B.
+    """Logs metrics to metrics.jsonl and, through accelerate, to the configured trackers.
 
-    The W&B run id is created once and kept in the checkpoint, so a resumed job continues the
-    same W&B run.
+    The run id is created once and kept in the checkpoint, so a resumed job continues the same
+    W&B run. TensorBoard writes under {run_dir}/tensorboard/{wandb.project}/.
     """
 
     def __init__(self, accelerator, options: ExperimentOptions, run_dir: Path, hyperparameters: dict):
@@ -54,60 +67,102 @@ class Tracker:
         self.options = options
         self.run_dir = Path(run_dir)
         self.hyperparameters = hyperparameters
-        self.mode = wandb_mode(options.wandb)
+        self.trackers = trackers_for(options)
+        self.mode = wandb_mode(options.wandb) if "wandb" in self.trackers else "disabled"
         self.run_id: str | None = None
         self._metrics_file = None
 
-    def start(self, run_id: str | None = None) -> None:
+    def start(self, run_id: str | None = None, step: int = 0) -> None:
+        """Open metrics.jsonl and start the trackers.
+
+        Args:
+            run_id: the run id saved in the checkpoint being resumed; None starts a new run.
+            step: the optimizer step training resumes from. TensorBoard hides the events a crashed
+                run logged after it, so a resumed curve has one value per step.
+        """
         self.run_id = run_id or uuid.uuid4().hex[:12]
         if not self.accelerator.is_main_process:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._metrics_file = open(self.run_dir / "metrics.jsonl", "a")
-        if self.mode == "disabled":
+        if not self.trackers:
             return
         if self.mode == "offline":
             self.accelerator.print("wandb: no credentials configured (or mode offline); logging offline under "
                                    f"{self.run_dir / 'wandb'}.")
         wandb = self.options.wandb
         init = {
-            "name": self.options.title, "id": self.run_id, "resume": "allow", "mode": self.mode,
-            "dir": str(self.run_dir), "entity": wandb.entity, "tags": wandb.tags or None,
-            "group": wandb.group, "notes": wandb.notes, "settings": {"console": "off"},
+            "wandb": {
+                "name": self.options.title, "id": self.run_id, "resume": "allow", "mode": self.mode,
+                "dir": str(self.run_dir), "entity": wandb.entity, "tags": wandb.tags or None,
+                "group": wandb.group, "notes": wandb.notes, "settings": {"console": "off"},
+            },
+            # Events logged after `step` by a run that crashed before its next checkpoint are purged.
+            "tensorboard": {"purge_step": step + 1} if step else {},
         }
-        self.accelerator.init_trackers(wandb.project, config=self.hyperparameters, init_kwargs={"wandb": init})
+        # accelerate writes TensorBoard events to {logging_dir}/{project}; logging_dir defaults to
+        # the run directory, which would put them beside the checkpoints.
+        self.accelerator.project_configuration.logging_dir = str(self.run_dir / "tensorboard")
+        self.accelerator.init_trackers(wandb.project, init_kwargs=init)
+        for tracker in self.accelerator.trackers:
+            # TensorBoard's hparams take flat scalars only; W&B shows the nested sections.
+            flat = tracker.name == "tensorboard"
+            tracker.store_init_configuration(_flatten(self.hyperparameters) if flat else self.hyperparameters)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         """Record metrics at an optimizer step: one JSON line, and the trackers."""
         if not self.accelerator.is_main_process:
             return
-        row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        values = {key: _item(value) for key, value in metrics.items()}
+        row = {"step": step, **{key: _json_safe(value) for key, value in values.items()}}
         self._metrics_file.write(json.dumps(row) + "\n")
         self._metrics_file.flush()
-        if self.mode != "disabled":
-            self.accelerator.log(metrics, step=step)
+        if self.trackers:
+            self.accelerator.log(values, step=step)
 
     def finish(self, summary: dict[str, Any]) -> None:
+        """Write the run summary (W&B), close the trackers and metrics.jsonl."""
         if not self.accelerator.is_main_process:
             return
-        if self.mode != "disabled":
-            tracker = self.accelerator.get_tracker("wandb", unwrap=True)
+        if "wandb" in self.trackers:
+            run = self.accelerator.get_tracker("wandb", unwrap=True)
             for key, value in summary.items():
-                tracker.summary[key] = _plain(value)
-            self.accelerator.end_training()
-            if self.mode == "offline":
-                self.accelerator.print(f"wandb: upload this run with `wandb sync {self.run_dir / 'wandb'}/offline-run-*-{self.run_id}`")
+                run.summary[key] = _json_safe(_item(value))
+        # Each tracker's own finish, not `end_training`: that also destroys the process group, and
+        # only the main process gets here.
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
+        self.accelerator.trackers.clear()
+        if self.mode == "offline":
+            self.accelerator.print(f"wandb: upload this run with `wandb sync {self.run_dir / 'wandb'}/offline-run-*-{self.run_id}`")
         if self._metrics_file:
             self._metrics_file.close()
             self._metrics_file = None
 
 
-def _plain(value: Any) -> Any:
-    if hasattr(value, "item"):
-        value = value.item()
+def _item(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value
+
+
+def _json_safe(value: Any) -> Any:
+    # JSON has no NaN or Infinity: store them as the strings "nan", "inf", "-inf".
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return value
+
+
+def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}, "c": [1, 2]} -> {"a.b": 1, "c": "[1, 2]"}: scalars under dotted keys."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{name}."))
+        elif value is None or isinstance(value, (bool, int, float, str)):
+            flat[name] = value
+        else:
+            flat[name] = json.dumps(value)
+    return flat
 
 
 class Progress:
