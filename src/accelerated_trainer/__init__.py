@@ -16,6 +16,8 @@ _EXPORTS = {
     "ConfigError": "config",
     "load_config": "config",
     "DataError": "data",
+    "export_model": "export",
+    "load_exported": "export",
 }
 
 __all__ = list(_EXPORTS)

@@ -39,21 +39,27 @@ class MLP(nn.Module):
 BUILTIN = {"mlp": MLP}
 
 
-def build_model(options: ModelOptions, data_info: dict[str, int]) -> nn.Module:
-    """Instantiate the configured model.
+def resolve(options: ModelOptions, data_info: dict[str, int]) -> ModelOptions:
+    """The model options with everything the data decides filled in.
 
-    Built-in models get `input_dim` and `output_dim` from the data when the config omits them.
+    Built-in models get `input_dim` and `output_dim` from the data when the config omits them;
+    the resolved options are saved with the run, so an exported model rebuilds without the data.
     """
-    cls = BUILTIN.get(options.name) or _import(options.name)
     kwargs = dict(options.kwargs)
     if options.name in BUILTIN:
         kwargs.setdefault("input_dim", data_info["input_dim"])
         kwargs.setdefault("output_dim", data_info.get("num_classes", 1))
+    return ModelOptions(name=options.name, kwargs=kwargs)
+
+
+def build_model(options: ModelOptions) -> nn.Module:
+    """Instantiate a model from resolved options."""
+    cls = BUILTIN.get(options.name) or _import(options.name)
     try:
-        inspect.signature(cls).bind(**kwargs)
+        inspect.signature(cls).bind(**options.kwargs)
     except TypeError as err:
         raise ConfigError(f"model_options.kwargs do not fit {options.name} ({cls.__name__}{inspect.signature(cls)}): {err}.") from None
-    return cls(**kwargs)
+    return cls(**options.kwargs)
 
 
 def _import(path: str) -> Any:

@@ -24,6 +24,7 @@ from .checkpoint import Checkpointer
 from .config import ConfigError, TrainerConfig, load_config
 from .early_stopping import EarlyStopping
 from .models import build_model
+from .models import resolve as resolve_model
 from .metrics import ValidationMetrics, build_loss, per_sample
 from .optim import build_optimizer, build_scheduler
 from .tracking import Progress, Tracker, trackers_for
@@ -139,7 +140,11 @@ class AcceleratedTrainer:
         if model is None:
             if self.config.model_options is None:
                 raise ConfigError("model_options: no model given; set model_options.name (e.g. \"mlp\") or pass a model to the trainer.")
-            model = build_model(self.config.model_options, self.data_info)
+            # The resolved options (input/output sizes from the data) go into config.json and checkpoints.
+            self.config.model_options = resolve_model(self.config.model_options, self.data_info)
+            model = build_model(self.config.model_options)
+        else:
+            self.config.model_options = None  # the model given wins; config.json must not claim another
         # HF models (and any forward with `labels`) compute their own loss when given the labels.
         self._pass_labels = "labels" in inspect.signature(model.forward).parameters
         self.loss_fn = build_loss(training.loss_function, training.task)

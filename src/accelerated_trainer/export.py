@@ -1,0 +1,78 @@
+"""Export a run's best (or any) checkpoint for inference, and load it back.
+
+    python -m accelerated_trainer.export runs/digits-mlp exported/digits
+    model = accelerated_trainer.load_exported("exported/digits")     # built from its config
+
+The export directory holds model.safetensors, config.json (the run's resolved config, whose
+model_options rebuild the model) and meta.json, sealed with a manifest like every checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from . import storage
+from .checkpoint import WEIGHTS
+from .config import ConfigError, TrainerConfig
+
+
+def export_model(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "best") -> Path:
+    """Copy `checkpoint` (best, last, or a top/... path of the index) of a run to `out_dir`.
+
+    Raises:
+        ConfigError: the run or checkpoint is missing, or does not verify against its manifest.
+    """
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    source = run_dir / checkpoint
+    if not (source / WEIGHTS).is_file():
+        raise ConfigError(f"export: {source} holds no {WEIGHTS}; choose best, last or a top/... entry of {run_dir / 'checkpoints.json'}.")
+    if reason := storage.verify(source):
+        raise ConfigError(f"export: {source} does not verify ({reason}); export another checkpoint.")
+    tmp = storage.temporary_dir(out_dir)
+    shutil.copy2(source / WEIGHTS, tmp / WEIGHTS)
+    shutil.copy2(run_dir / "config.json", tmp / "config.json")
+    meta = storage.read_json(source / "meta.json") if (source / "meta.json").is_file() else storage.read_json(source / "state.json")
+    storage.write_json(tmp / "meta.json", {"source": str(source), **{k: meta.get(k) for k in ("epoch", "step", "monitor", "value", "metrics")}})
+    storage.seal(tmp)
+    storage.publish(tmp, out_dir)
+    return out_dir
+
+
+def load_exported(directory: str | Path, model=None):
+    """The exported model, in eval mode: built from its config's model_options unless `model` is given."""
+    from safetensors.torch import load_model
+
+    from .models import build_model
+
+    directory = Path(directory)
+    if reason := storage.verify(directory):
+        raise ConfigError(f"{directory} is not a complete export: {reason}.")
+    if model is None:
+        config = TrainerConfig.model_validate(storage.read_json(directory / "config.json"))
+        if config.model_options is None:
+            raise ConfigError(f"{directory}: the run was trained from the Python API; pass the model: load_exported(dir, model=MyModel(...)).")
+        model = build_model(config.model_options)
+    load_model(model, str(directory / WEIGHTS))
+    return model.eval()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m accelerated_trainer.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", help="the run directory, {ckpt_dir}/{title}")
+    parser.add_argument("out_dir", help="where to write the export (replaced if it exists)")
+    parser.add_argument("--checkpoint", default="best", help="best (default), last, or a top/... path")
+    args = parser.parse_args(argv)
+    try:
+        out = export_model(args.run_dir, args.out_dir, args.checkpoint)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"exported {Path(args.run_dir) / args.checkpoint} to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
