@@ -233,20 +233,33 @@ class AcceleratedTrainer:
         return loss
 
     def _forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per-sample losses and the model's predictions (None when it only returns a loss)."""
-        features, labels = batch["features"], batch["labels"]
-        output = self.model(features, labels=labels) if self._pass_labels else self.model(features)
+        """Per-sample losses and the model's predictions (None when it only returns a loss).
+
+        `features` is the model's first argument; any other input column (input_ids,
+        attention_mask, ...) is a keyword argument; `labels` too when the forward accepts it.
+        """
+        labels = batch["labels"]
+        inputs = {name: value for name, value in batch.items() if name != "labels"}
+        args = (inputs.pop("features"),) if "features" in inputs else ()
+        if self._pass_labels:
+            inputs["labels"] = labels
+        output = self.model(*args, **inputs)
         model_loss, predictions = _unpack_output(output)
         if model_loss is not None:
             return per_sample(model_loss, labels.shape[0]), predictions
         if self.config.training_options.task == "regression" and predictions.numel() == labels.numel():
             predictions = predictions.reshape(labels.shape)  # (B, 1) outputs against (B,) targets
         try:
-            losses = self.loss_fn(predictions, labels)
+            if predictions.ndim > 2 and predictions.ndim == labels.ndim + 1:
+                # One class distribution per position (B, T, C) against (B, T) targets.
+                losses = self.loss_fn(predictions.flatten(0, -2), labels.flatten()).view(labels.shape)
+            else:
+                losses = self.loss_fn(predictions, labels)
         except (RuntimeError, ValueError, IndexError) as err:
+            shapes = ", ".join(f"{name} {tuple(value.shape)}" for name, value in batch.items())
             raise RuntimeError(
                 f"{type(self.loss_fn).__name__} cannot compare the model output of shape {tuple(predictions.shape)} "
-                f"with labels of shape {tuple(labels.shape)} (features {tuple(features.shape)}): {err}"
+                f"with labels of shape {tuple(labels.shape)} (batch: {shapes}): {err}"
             ) from err
         return per_sample(losses, labels.shape[0]), predictions
 
