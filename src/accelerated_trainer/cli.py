@@ -6,6 +6,9 @@ import argparse
 import json
 import sys
 
+PREEMPTED_EXIT_CODE = 99  # preempted or max_time_s: `last` is complete, relaunch with resume
+LOST_PROCESS_EXIT_CODE = 3  # another process of the job died or hung
+
 EPILOG = """\
 overrides:
   --set takes a dotted config path and a value, parsed as JSON when it parses:
@@ -20,7 +23,9 @@ launching:
   accelerate launch train.py --config configs/digits.json            as `accelerate config` says
   ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 train.py --config ...   2 CPU processes
 
-exit codes: 0 done, 2 invalid config or data (the message says what to fix).
+exit codes: 0 done; 2 invalid config or data (the message says what to fix); 3 another process
+  of the job died or hung; 99 preempted (SIGTERM/SIGUSR1) or max_time_s spent, with a complete
+  `last` checkpoint: relaunch with --set experiment_options.resume=true.
 """
 
 
@@ -64,7 +69,24 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 0 if result.stop_reason else 1
+    except Exception as err:
+        if not _lost_another_process(err):
+            raise
+        print(f"error: lost contact with another process of this job ({type(err).__name__}: {str(err).splitlines()[0]}). "
+              "It probably died or hung: its own log says why. The last complete checkpoint is in "
+              f"{config.run_dir / 'last'}; relaunch with --set experiment_options.resume=true.", file=sys.stderr)
+        return LOST_PROCESS_EXIT_CODE
+    return PREEMPTED_EXIT_CODE if result.preempted else 0
+
+
+def _lost_another_process(err: Exception) -> bool:
+    import torch.distributed as dist
+
+    if isinstance(err, getattr(dist, "DistBackendError", ())) or isinstance(err, getattr(dist, "DistNetworkError", ())):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(
+        marker in text for marker in ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out", "Broken pipe"))
 
 
 if __name__ == "__main__":

@@ -138,6 +138,9 @@ class TrainingOptions(_Section):
     """Stop when the monitored metric stops improving; an integer is the patience."""
     save_top_k: int = Field(3, ge=-1)
     """Keep the k best checkpoints by the monitored metric; -1 keeps all, 0 none."""
+    max_time_s: float | None = Field(None, gt=0)
+    """Wall-clock budget in seconds: when spent, finish the step, save `last` and exit as if
+    preempted (exit code 99), so a scheduler can requeue the job and it resumes."""
 
     @field_validator("monitor")
     @classmethod
@@ -189,6 +192,11 @@ class ExperimentOptions(_Section):
     """Weights & Biases settings, used when trackers lists wandb."""
     progress_bar: bool = True
     """tqdm progress bars on the main process."""
+    preemption_signals: list[Literal["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT"]] = Field(
+        default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    """Signals that make every process finish its step, save `last` and exit with code 99."""
+    distributed_timeout_s: float = Field(600, gt=0)
+    """How long a collective may wait for another process before the job fails (a dead or hung rank)."""
 
     @field_validator("trackers")
     @classmethod

@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import os
 import time
+from datetime import timedelta
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -17,7 +18,7 @@ from typing import Any, Callable
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 
 from . import data, storage
 from .checkpoint import Checkpointer
@@ -27,6 +28,7 @@ from .models import build_model
 from .models import resolve as resolve_model
 from .metrics import ValidationMetrics, build_loss, per_sample
 from .optim import build_optimizer, build_scheduler
+from .preemption import StopRequest
 from .tracking import Progress, Tracker, trackers_for
 
 # Settings whose change between a checkpoint and its resume changes what "the next batch" means.
@@ -65,6 +67,7 @@ class TrainResult:
     steps: int  # optimizer steps completed
     stop_reason: str
     metrics: dict[str, float] = field(default_factory=dict)  # the last validation metrics
+    preempted: bool = False  # stopped by a signal or max_time_s, with `last` saved: resume to go on
 
 
 class AcceleratedTrainer:
@@ -108,6 +111,8 @@ class AcceleratedTrainer:
             # Data order is EpochSampler's pure function of (seed, epoch); accelerate need not sync
             # generators, and keeping the DataLoader's own generator keeps the global RNG untouched.
             rng_types=[],
+            # A dead or hung process fails the job after this long instead of hanging it.
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=self.config.experiment_options.distributed_timeout_s))],
         )
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         if launched != self.accelerator.num_processes:
@@ -166,6 +171,7 @@ class AcceleratedTrainer:
         self.early_stopping = stopping and EarlyStopping(training.mode, stopping.patience, stopping.min_delta)
         self.tracker = Tracker(self.accelerator, self.config.experiment_options, self.run_dir, self.config.model_dump(mode="json"))
         self.state = TrainingState(num_processes=self.accelerator.num_processes)
+        self.preempted = False
         self.last_metrics: dict[str, float] = {}
 
     # ------------------------------------------------------------ the run
@@ -175,10 +181,13 @@ class AcceleratedTrainer:
         started = time.perf_counter()
         self._prepare_run_dir()
         self._maybe_resume()
-        self.tracker.start(self.state.run_id)
+        self.tracker.start(self.state.run_id, step=self.state.step)
         self.state.run_id = self.tracker.run_id
+        experiment = self.config.experiment_options
+        self.stop_request = StopRequest(self.accelerator, experiment.preemption_signals, self.config.training_options.max_time_s)
+        self.stop_request.install()
         n_epochs = self.config.training_options.n_epochs
-        self.progress = Progress(self.config.experiment_options.progress_bar and self.accelerator.is_local_main_process,
+        self.progress = Progress(self.config.experiment_options.progress_bar and self.accelerator.is_main_process,
                                  n_epochs, self.state.epoch)
         stop_reason = self._stop_reason_before_start()
         try:
@@ -186,8 +195,10 @@ class AcceleratedTrainer:
                 stop_reason = self._train_epoch()
                 if stop_reason is None and self.state.epoch >= n_epochs:
                     stop_reason = f"completed {n_epochs} epochs"
+            self.stop_request.drain()
         finally:
             self.progress.close()
+            self.stop_request.uninstall()
         if self.checkpointer.last is None or self.checkpointer.last.step != self.state.step:
             self._save_last()
         return self._finish(stop_reason, time.perf_counter() - started)
@@ -224,8 +235,10 @@ class AcceleratedTrainer:
             sample_losses, _ = self._forward(batch)
             loss = sample_losses.mean()
             self.accelerator.backward(loss)
-            if self.accelerator.sync_gradients and training.max_grad_norm:
-                self._grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), training.max_grad_norm)
+            if self.accelerator.sync_gradients and (training.max_grad_norm or self._logs_after_this_step()):
+                # Without clipping the norm is still measured, but only on the steps that log it.
+                limit = training.max_grad_norm or float("inf")
+                self._grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), limit)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         # Counted in full batches: every micro-batch but an epoch's last is full, and the epoch end resets it.
@@ -263,6 +276,9 @@ class AcceleratedTrainer:
             ) from err
         return per_sample(losses, labels.shape[0]), predictions
 
+    def _logs_after_this_step(self) -> bool:
+        return (self.state.step + 1) % self.config.training_options.log_every_n_steps == 0
+
     def _after_optimizer_step(self) -> str | None:
         training = self.config.training_options
         if not self.accelerator.optimizer_step_was_skipped:  # fp16 overflow steps leave the schedule alone
@@ -279,6 +295,8 @@ class AcceleratedTrainer:
             self._save_last()
         if reason is None and training.max_steps and step >= training.max_steps:
             reason = f"reached max_steps={training.max_steps}"
+        if reason is None and (reason := self.stop_request.should_stop()):
+            self.preempted = True
         return reason
 
     # ------------------------------------------------------------ logging, validation, checkpoints
@@ -301,6 +319,8 @@ class AcceleratedTrainer:
                    "samples_per_s": samples / max(elapsed, 1e-9)}
         if self._grad_norm is not None:
             metrics["grad_norm"] = float(self._grad_norm)
+        if self.accelerator.device.type == "cuda":
+            metrics["peak_memory_mb"] = torch.cuda.max_memory_allocated(self.accelerator.device) / 2**20
         self.tracker.log(metrics, step=self.state.step)
         self.progress.show(loss=loss, samples_per_s=metrics["samples_per_s"])
         self._reset_log_window()
@@ -363,11 +383,11 @@ class AcceleratedTrainer:
         path = None if resume is True else Path(resume)
         found, skipped = self.checkpointer.find_resumable(path)
         for reason in skipped:
-            self.accelerator.print(f"resume: passing over a checkpoint: {reason}")
+            _say(self.accelerator, f"resume: passing over a checkpoint: {reason}")
         if found is None:
             if path is not None:
                 raise ConfigError(f"experiment_options.resume: {path} is not a usable checkpoint ({'; '.join(skipped) or 'not found'}).")
-            self.accelerator.print(f"resume: no checkpoint in {self.run_dir}; starting a fresh run.")
+            _say(self.accelerator, f"resume: no checkpoint in {self.run_dir}; starting a fresh run.")
             return
         saved = self.checkpointer.load(found, self.model, self.optimizer, self.scheduler)
         self._report_resume_changes(saved)
@@ -375,20 +395,20 @@ class AcceleratedTrainer:
             self.early_stopping.load_state_dict(saved["early_stopping"])
         self.state.load_state_dict({k: saved[k] for k in asdict(self.state) if k in saved})
         self.state.num_processes = self.accelerator.num_processes
-        self.accelerator.print(f"resume: continuing from {found} at epoch {self.state.epoch}, step {self.state.step}.")
+        _say(self.accelerator, f"resume: continuing from {found} at epoch {self.state.epoch}, step {self.state.step}.")
 
     def _report_resume_changes(self, saved: dict) -> None:
         old, new = saved["config"], self.config.model_dump(mode="json")
         for dotted in RESUME_SENSITIVE:
             section, key = dotted.split(".")
             if old[section][key] != new[section][key]:
-                self.accelerator.print(f"resume: {dotted} changed from {old[section][key]} to {new[section][key]}; "
+                _say(self.accelerator, f"resume: {dotted} changed from {old[section][key]} to {new[section][key]}; "
                                        "the data order within the epoch will differ from the original run.")
         if saved["num_processes"] != self.accelerator.num_processes:
-            self.accelerator.print(f"resume: the checkpoint was written by {saved['num_processes']} processes, this run has "
+            _say(self.accelerator, f"resume: the checkpoint was written by {saved['num_processes']} processes, this run has "
                                    f"{self.accelerator.num_processes}; the rest of the current epoch is resharded.")
         if saved["data"]["train_fingerprint"] != self.data_fingerprint:
-            self.accelerator.print(f"resume: the training data changed since the checkpoint (fingerprint "
+            _say(self.accelerator, f"resume: the training data changed since the checkpoint (fingerprint "
                                    f"{saved['data']['train_fingerprint']} -> {self.data_fingerprint}, "
                                    f"{saved['data']['train_rows']} -> {self.train_sampler.num_rows} rows).")
 
@@ -406,12 +426,18 @@ class AcceleratedTrainer:
             run_dir=self.run_dir, monitor=self.config.training_options.monitor,
             best_metric=best.value if best else None, best_checkpoint=best and self.run_dir / best.path,
             last_checkpoint=self.run_dir / "last", epochs=self.state.epoch, steps=self.state.step,
-            stop_reason=stop_reason, metrics=self.last_metrics,
+            stop_reason=stop_reason, metrics=self.last_metrics, preempted=self.preempted,
         )
         self.tracker.finish({"stop_reason": stop_reason, f"best_{result.monitor}": result.best_metric,
                              "steps": result.steps, "epochs": result.epochs, "seconds": seconds})
-        self.accelerator.print(_summary(result, seconds, self.checkpointer.kept))
+        _say(self.accelerator, _summary(result, seconds, self.checkpointer.kept))
         return result
+
+
+def _say(accelerator, message: str) -> None:
+    """Print once per job (accelerator.print prints once per machine)."""
+    if accelerator.is_main_process:
+        print(message, flush=True)
 
 
 def _unpack_output(output: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -1,0 +1,83 @@
+"""Preemption: a signal or a wall-clock budget asks every process to stop after the same step.
+
+A scheduler (SLURM, Kubernetes) sends SIGTERM or SIGUSR1 before it kills a job; the trainer
+then finishes its optimizer step, writes a complete `last` checkpoint and returns a result
+marked `preempted` (the CLI exits with 99), and the next launch resumes from it.
+
+Processes may see the signal at different steps, so the decision is agreed: each step every
+process contributes its flag to a MAX all-reduce. The reduction issued at step k is read at
+step k+1, so the host never waits on the step it just queued; every process reads the same
+value at the same step, which is what keeps their collectives in lockstep.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from typing import Any
+
+import torch
+
+
+class StopRequest:
+    """Collects stop requests (signals, the time budget) and agrees on them across processes."""
+
+    def __init__(self, accelerator, signals: list[str], max_time_s: float | None):
+        self.accelerator = accelerator
+        self.signal_names = signals
+        self.deadline = None if max_time_s is None else time.monotonic() + max_time_s
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+        self._pending: tuple[Any, torch.Tensor] | None = None
+
+    def install(self) -> None:
+        for name in self.signal_names:
+            number = getattr(signal, name)
+            self._previous[number] = signal.signal(number, self._on_signal)
+
+    def uninstall(self) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous.clear()
+
+    def _on_signal(self, number: int, frame) -> None:
+        # Only record it: the step in progress finishes, then the trainer saves and stops.
+        # A second signal (the launcher forwarding what the scheduler also sent) changes nothing.
+        self.received = self.received or signal.Signals(number).name
+
+    def _local_reason(self) -> str | None:
+        if self.received:
+            return f"preempted by {self.received}"
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return "max_time_s reached"
+        return None
+
+    def should_stop(self) -> str | None:
+        """The agreed reason to stop now, or None. Call once per optimizer step on every process."""
+        if self.accelerator.num_processes == 1:
+            return self._local_reason()
+        import torch.distributed as dist
+
+        flag = torch.tensor([self._code()], dtype=torch.float32, device=self.accelerator.device)
+        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True)
+        agreed, self._pending = self._pending, (work, flag)
+        if agreed is None:
+            return None
+        agreed[0].wait()
+        code = int(agreed[1].item())
+        if code == 0:
+            return None
+        if code == 1:
+            return "max_time_s reached"
+        return f"preempted by {self.received}" if self.received else "preempted by a signal another process received"
+
+    def _code(self) -> int:
+        if self.received:
+            return 2
+        return 1 if self._local_reason() else 0
+
+    def drain(self) -> None:
+        """Complete an outstanding reduction so no collective is left half issued."""
+        if self._pending is not None:
+            self._pending[0].wait()
+            self._pending = None
