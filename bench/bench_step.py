@@ -1,0 +1,385 @@
+"""Milliseconds per training step: this package's trainer against a hand-written loop and its peers.
+
+    python bench/bench_step.py                    # both workloads, 5 rounds
+    python bench/bench_step.py --quick            # smoke run: a few steps, one round
+    python bench/bench_step.py --workload tiny --variants hand,trainer --rounds 9
+
+Variants, on the same model, data, optimizer (AdamW, fused when torch has it on CPU, decay on
+matrices only, lr 1e-3) and batch size:
+  (a) hand      a hand-written loop over pre-batched tensors: the limit
+  (b) loader    the same loop through a torch DataLoader over a TensorDataset
+  (e) accel     the same loop through accelerate: prepare() and accelerator.backward
+  (c) trainer   AcceleratedTrainer as a user runs it: metrics.jsonl every 10 steps, progress bar on,
+                wandb disabled, the constant schedule stepped each step
+  (c') trainer-default   the same with the config's default optimizer kwargs (torch's own pick)
+  (d) lightning, hf      Lightning and HF Trainer with their defaults, when installed
+
+How a step is timed: every variant trains the same MLP, whose forward records
+time.perf_counter() and time.process_time(). ms/step is (stamp[warmup + steps] - stamp[warmup])
+/ steps, so it covers whole steps, forward to forward: data loading, backward, optimizer,
+scheduler, logging and the progress bar. It leaves out construction, the warm-up steps and what
+a framework does after its last step (the package's final checkpoint). The data is long enough
+that every variant stays inside its first epoch, so no epoch-end validation or checkpoint falls
+in the window. Wall time is what a user waits for. CPU time (the whole process's) does not count
+the time other jobs on a shared machine hold the cores, so it is the steadier figure there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import itertools
+import json
+import math
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+from common import REPO, environment, rounds, silenced, summary, table
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+VARIANTS = {
+    "hand": "(a) hand-written loop, pre-batched tensors",
+    "loader": "(b) same loop, torch DataLoader(TensorDataset)",
+    "accel": "(e) same loop, plain accelerate (prepare + backward)",
+    "trainer": "(c) AcceleratedTrainer, same fused AdamW",
+    "trainer-default": "(c') AcceleratedTrainer, default AdamW kwargs",
+    "lightning": "(d) Lightning Trainer, defaults",
+    "hf": "(d) HF transformers Trainer, defaults",
+}
+PEERS = {"lightning": "lightning", "hf": "transformers"}
+
+
+@dataclass
+class Workload:
+    name: str
+    description: str
+    dims: list[int]
+    batch_size: int
+    threads: int
+    warmup: int
+    steps: int
+    features: np.ndarray  # (rows, dims[0]) float32, rows >= (warmup + steps + 2) * batch_size
+    labels: np.ndarray  # (rows,) int64
+
+    @property
+    def total_steps(self) -> int:
+        # One more than warmup + steps: the window ends at the forward of the step after it.
+        return self.warmup + self.steps + 1
+
+
+def tiny_workload(steps: int, warmup: int) -> Workload:
+    table_ = pq.read_table(REPO / "data" / "digits" / "train.parquet")
+    pixels = np.asarray(table_.column("pixels").combine_chunks().flatten(), dtype=np.float32).reshape(table_.num_rows, -1)
+    labels = table_.column("label").to_numpy().astype(np.int64)
+    # Repeated so one epoch is longer than the timed window (the trainer validates and saves at epoch ends).
+    repeat = math.ceil((warmup + steps + 2) * 64 / len(labels))
+    return Workload("tiny", f"MLP 64-128-10 on digits ({len(labels)} rows x{repeat}), batch 64, 1 thread",
+                    [64, 128, 10], 64, 1, warmup, steps, np.tile(pixels, (repeat, 1)), np.tile(labels, repeat))
+
+
+def compute_workload(steps: int, warmup: int, threads: int) -> Workload:
+    rows = (warmup + steps + 2) * 256
+    generator = np.random.default_rng(0)
+    features = generator.standard_normal((rows, 784), dtype=np.float32)
+    labels = generator.integers(0, 10, rows, dtype=np.int64)
+    return Workload("compute", f"MLP 784-1024-1024-10 on random data, batch 256, {threads} thread(s)",
+                    [784, 1024, 1024, 10], 256, threads, warmup, steps, features, labels)
+
+
+# ---------------------------------------------------------------- the model and optimizer all share
+
+Stamps = list[tuple[float, float]]  # (perf_counter, process_time) at the start of each forward
+
+
+class MLP(nn.Module):
+    """Linear and GELU layers; each forward records its start (wall, CPU) times in `stamps`."""
+
+    def __init__(self, dims: list[int]):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for width, out in itertools.pairwise(dims[:-1]):
+            layers += [nn.Linear(width, out), nn.GELU()]
+        layers.append(nn.Linear(dims[-2], dims[-1]))
+        self.net = nn.Sequential(*layers)
+        self.stamps: Stamps = []
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        self.stamps.append((time.perf_counter(), time.process_time()))
+        return self.net(features)
+
+
+def fused_adamw_works() -> bool:
+    try:
+        probe = nn.Parameter(torch.zeros(2))
+        probe.grad = torch.ones(2)
+        torch.optim.AdamW([probe], fused=True).step()
+        return True
+    except (RuntimeError, TypeError):
+        return False
+
+
+FAST_KWARGS = {"fused": True} if fused_adamw_works() else {"foreach": True}
+
+
+def make_optimizer(model: nn.Module, kwargs: dict | None = None) -> torch.optim.Optimizer:
+    """AdamW with the package's parameter groups: weight decay on matrices only."""
+    params = list(model.parameters())
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.01},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=1e-3, **(FAST_KWARGS if kwargs is None else kwargs))
+
+
+def new_model(w: Workload) -> MLP:
+    torch.manual_seed(0)
+    return MLP(w.dims)
+
+
+def tensors(w: Workload) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.from_numpy(w.features), torch.from_numpy(w.labels)
+
+
+def loader(w: Workload) -> DataLoader:
+    return DataLoader(TensorDataset(*tensors(w)), batch_size=w.batch_size, shuffle=True)
+
+
+# ---------------------------------------------------------------- variants: each returns the forward stamps
+
+
+def run_hand(w: Workload, tmp: Path) -> Stamps:
+    model = new_model(w)
+    optimizer = make_optimizer(model)
+    x, y = tensors(w)
+    batches = [(x[i:i + w.batch_size], y[i:i + w.batch_size]) for i in range(0, w.total_steps * w.batch_size, w.batch_size)]
+    for features, labels in batches:
+        loss = F.cross_entropy(model(features), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return model.stamps
+
+
+def run_loader(w: Workload, tmp: Path) -> Stamps:
+    model = new_model(w)
+    optimizer = make_optimizer(model)
+    for step, (features, labels) in enumerate(loader(w), 1):
+        loss = F.cross_entropy(model(features), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step == w.total_steps:
+            break
+    return model.stamps
+
+
+def run_accelerate(w: Workload, tmp: Path) -> Stamps:
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    accelerator = Accelerator(cpu=True)
+    model = new_model(w)
+    prepared, optimizer, batches = accelerator.prepare(model, make_optimizer(model), loader(w))
+    for step, (features, labels) in enumerate(batches, 1):
+        loss = F.cross_entropy(prepared(features), labels)
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step == w.total_steps:
+            break
+    return model.stamps
+
+
+def trainer_config(w: Workload, tmp: Path, optimizer_kwargs: dict) -> dict:
+    return {
+        "dataset_options": {"feature_columns": ["features"], "label_column": "label", "batch_size": w.batch_size,
+                            "validation_split": 0},
+        "training_options": {"n_epochs": 1, "max_steps": w.total_steps, "log_every_n_steps": 10,
+                             "optimizer": {"name": "AdamW", "lr": 1e-3, "weight_decay": 0.01, "kwargs": optimizer_kwargs}},
+        "experiment_options": {"title": "trainer", "ckpt_dir": str(tmp), "overwrite": True, "progress_bar": True,
+                               "wandb": {"mode": "disabled"}},
+    }
+
+
+_datasets: dict[str, object] = {}
+
+
+def _train_dataset(w: Workload):
+    import datasets
+
+    if w.name not in _datasets:  # built once per workload, outside every timed window
+        _datasets[w.name] = datasets.Dataset.from_dict({"features": w.features, "label": w.labels})
+    return _datasets[w.name]
+
+
+def run_trainer(w: Workload, tmp: Path, optimizer_kwargs: dict | None = None) -> Stamps:
+    from accelerated_trainer import AcceleratedTrainer
+
+    model = new_model(w)
+    config = trainer_config(w, tmp, FAST_KWARGS if optimizer_kwargs is None else optimizer_kwargs)
+    AcceleratedTrainer(model, config, train_dataset=_train_dataset(w)).train()
+    return model.stamps
+
+
+def run_trainer_default(w: Workload, tmp: Path) -> Stamps:
+    return run_trainer(w, tmp, optimizer_kwargs={})
+
+
+def run_lightning(w: Workload, tmp: Path) -> Stamps:
+    import lightning as L
+
+    class Module(L.LightningModule):
+        def __init__(self, net: MLP):
+            super().__init__()
+            self.net = net
+
+        def training_step(self, batch, batch_idx):
+            features, labels = batch
+            loss = F.cross_entropy(self.net(features), labels)
+            self.log("train_loss", loss, prog_bar=True)
+            return loss
+
+        def configure_optimizers(self):
+            return make_optimizer(self.net)
+
+    model = new_model(w)
+    trainer = L.Trainer(max_steps=w.total_steps, accelerator="cpu", devices=1, log_every_n_steps=10,
+                        default_root_dir=str(tmp), enable_model_summary=False)
+    trainer.fit(Module(model), loader(w))
+    return model.stamps
+
+
+def run_hf(w: Workload, tmp: Path) -> Stamps:
+    from transformers import Trainer, TrainingArguments
+
+    class WithLoss(nn.Module):  # HF Trainer expects the model to return its loss
+        def __init__(self, net: MLP):
+            super().__init__()
+            self.net = net
+
+        def forward(self, features, labels):
+            logits = self.net(features)
+            return {"loss": F.cross_entropy(logits, labels), "logits": logits}
+
+    class Rows(torch.utils.data.Dataset):  # rows as dicts, stacked by HF's default collator
+        def __init__(self, x, y):
+            self.x, self.y = x, y
+
+        def __len__(self):
+            return len(self.y)
+
+        def __getitem__(self, i):
+            return {"features": self.x[i], "labels": self.y[i]}
+
+    model = new_model(w)
+    optimizer = make_optimizer(model)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    args = TrainingArguments(output_dir=str(tmp), per_device_train_batch_size=w.batch_size, max_steps=w.total_steps,
+                             logging_steps=10, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=False)
+    Trainer(model=WithLoss(model), args=args, train_dataset=Rows(*tensors(w)), optimizers=(optimizer, schedule)).train()
+    return model.stamps
+
+
+RUNNERS = {"hand": run_hand, "loader": run_loader, "accel": run_accelerate, "trainer": run_trainer,
+           "trainer-default": run_trainer_default, "lightning": run_lightning, "hf": run_hf}
+
+
+# ---------------------------------------------------------------- measuring and reporting
+
+
+def measure(w: Workload, variants: list[str], n_rounds: int, log: Path | None) -> tuple[dict, list[float]]:
+    """{variant: ([wall ms/step per round], [CPU ms/step per round])}, and the trainer's own
+    figure from its metrics.jsonl."""
+    results: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in variants}
+    from_jsonl: list[float] = []
+    for r, name in rounds(variants, n_rounds):
+        torch.set_num_threads(w.threads)  # frameworks may change it; every variant starts alike
+        with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp, silenced(log), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            stamps = RUNNERS[name](w, Path(tmp))
+            if name == "trainer" and (ms := _jsonl_ms_per_step(Path(tmp) / "trainer" / "metrics.jsonl", w.batch_size)):
+                from_jsonl.append(ms)
+        if len(stamps) < w.total_steps:
+            raise RuntimeError(f"{name} ran {len(stamps)} forwards, expected {w.total_steps}")
+        for clock in (0, 1):
+            results[name][clock].append((stamps[w.warmup + w.steps][clock] - stamps[w.warmup][clock]) / w.steps * 1e3)
+    return results, from_jsonl
+
+
+def _jsonl_ms_per_step(path: Path, batch_size: int) -> float | None:
+    # The trainer's own figure: samples_per_s of each logging window after the first (warm-up) one.
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rates = [row["samples_per_s"] for row in rows if "samples_per_s" in row][1:]
+    return batch_size / float(np.median(rates)) * 1e3 if rates else None
+
+
+def report(w: Workload, results: dict[str, tuple[list[float], list[float]]]) -> str:
+    base = [summary(results["hand"][clock])[0] for clock in (0, 1)] if "hand" in results else None
+    rows = []
+    for name, (wall, cpu) in results.items():
+        median, low, high = summary(wall)
+        cpu_median, cpu_low, cpu_high = summary(cpu)
+        rows.append([VARIANTS[name], f"{median:.3f}", f"{low:.3f}-{high:.3f}", f"{median / base[0]:.2f}x" if base else "-",
+                     f"{cpu_median:.3f}", f"{cpu_low:.3f}-{cpu_high:.3f}", f"{cpu_median / base[1]:.2f}x" if base else "-"])
+    n_rounds = len(next(iter(results.values()))[0])
+    head = (f"### {w.name}: {w.description}; {w.steps} timed steps after {w.warmup} warm-up, "
+            f"{n_rounds} rounds; optimizer AdamW({', '.join(f'{k}={v}' for k, v in FAST_KWARGS.items())})")
+    header = ["variant", "ms/step median", "min-max", "vs (a)", "CPU ms/step median", "CPU min-max", "CPU vs (a)"]
+    return head + "\n\n" + table(header, rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workload", choices=["tiny", "compute", "both"], default="both")
+    parser.add_argument("--variants", help=f"comma-separated, from {', '.join(VARIANTS)} (default: all; "
+                        "with --quick all but the peers, whose imports alone take longer than the smoke run)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--tiny-steps", type=int, default=400)
+    parser.add_argument("--compute-steps", type=int, default=30)
+    parser.add_argument("--compute-threads", type=int, default=1,
+                        help="torch threads for the compute-bound workload (1: least noise on a shared machine)")
+    parser.add_argument("--quick", action="store_true", help="a few steps and one round: a smoke run, not a measurement")
+    parser.add_argument("--log", type=Path, default=None, help="keep the frameworks' output (bars, banners) in this file")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.tiny_steps, args.compute_steps = 1, 10, 2
+    if args.variants is None:
+        args.variants = ",".join(v for v in VARIANTS if not (args.quick and v in PEERS))
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    skipped = [v for v in variants if v in PEERS and importlib.util.find_spec(PEERS[v]) is None]
+    variants = [v for v in variants if v not in skipped]
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+    print(f"bench_step: {environment()}")
+    if skipped:
+        print(f"not installed, skipped: {', '.join(skipped)} (pip install -e \".[bench]\")")
+    workloads = []
+    if args.workload in ("tiny", "both"):
+        workloads.append(tiny_workload(args.tiny_steps, warmup=3 if args.quick else 30))
+    if args.workload in ("compute", "both"):
+        workloads.append(compute_workload(args.compute_steps, warmup=1 if args.quick else 3, threads=args.compute_threads))
+    for w in workloads:
+        results, from_jsonl = measure(w, variants, args.rounds, args.log)
+        print()
+        print(report(w, results), flush=True)
+        if from_jsonl:
+            print(f"\n(c) cross-check from metrics.jsonl samples_per_s (logging windows, excluding the log call itself): "
+                  f"{np.median(from_jsonl):.3f} ms/step median")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
