@@ -56,6 +56,7 @@ VARIANTS = {
     "hf": "(d) HF transformers Trainer, defaults",
 }
 PEERS = {"lightning": "lightning", "hf": "transformers"}
+QUICK = ["hand", "loader", "accel", "trainer"]
 
 
 @dataclass
@@ -339,8 +340,8 @@ def report(w: Workload, results: dict[str, tuple[list[float], list[float]]]) -> 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workload", choices=["tiny", "compute", "both"], default="both")
-    parser.add_argument("--variants", help=f"comma-separated, from {', '.join(VARIANTS)} (default: all; "
-                        "with --quick all but the peers, whose imports alone take longer than the smoke run)")
+    parser.add_argument("--variants", help=f"comma-separated, from {', '.join(VARIANTS)} (default: all; with "
+                        "--quick: hand, loader, accel, trainer, as the peers' imports alone outlast a smoke run)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tiny-steps", type=int, default=400)
     parser.add_argument("--compute-steps", type=int, default=30)
@@ -352,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.rounds, args.tiny_steps, args.compute_steps = 1, 10, 2
     if args.variants is None:
-        args.variants = ",".join(v for v in VARIANTS if not (args.quick and v in PEERS))
+        args.variants = ",".join(QUICK if args.quick else VARIANTS)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:

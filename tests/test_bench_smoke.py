@@ -1,0 +1,44 @@
+"""The bench scripts still run: each one with --quick, as a subprocess.
+
+Only that they finish and print their table; the timings themselves belong in bench/, not in
+tests. The three run side by side to keep this file short (they are mostly imports).
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+HEADERS = {
+    "bench_step.py": "| variant | ms/step median | min-max | vs (a) |",
+    "bench_startup.py": "| launch to | median s | min-max | vs reference |",
+    "bench_checkpoint.py": "| save | MB on disk | median s | min-max | MB/s | vs raw |",
+}
+
+
+@pytest.fixture(scope="module")
+def quick_runs():
+    procs = {
+        script: subprocess.Popen([sys.executable, str(REPO / "bench" / script), "--quick"], cwd=REPO,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for script in HEADERS
+    }
+    results = {}
+    try:
+        for script, proc in procs.items():
+            stdout, stderr = proc.communicate(timeout=180)
+            results[script] = (proc.returncode, stdout, stderr)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+    return results
+
+
+@pytest.mark.parametrize("script", list(HEADERS))
+def test_bench_quick_prints_its_table(quick_runs, script):
+    returncode, stdout, stderr = quick_runs[script]
+    assert returncode == 0, stderr[-3000:]
+    assert HEADERS[script] in stdout, stdout[-3000:]
