@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import random
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -85,19 +86,22 @@ class Checkpointer:
     # ------------------------------------------------------------ saving
 
     def save_last(self, model, optimizer, scheduler, trainer_state: dict) -> Path:
-        """Write the full resumable state to `last`, keeping the old one as `previous`."""
+        """Write the full resumable state to `last`, keeping the old one as `previous`.
+
+        Raises:
+            CheckpointError: on every process, when any write failed; the earlier checkpoints,
+                the index and the lists are then as they were.
+        """
         dest = self.run_dir / "last"
         model_state = self.accelerator.get_state_dict(model)  # collective under FSDP/DeepSpeed
         tmp = dest.with_name(f".{dest.name}.tmp")
-        if self.accelerator.is_main_process:
-            storage.temporary_dir(dest)
-        self.accelerator.wait_for_everyone()
-        storage.write_json(tmp / f"rng-rank{self.accelerator.process_index}.json", capture_rng())
-        self.accelerator.wait_for_everyone()
-        # Every process tracks the lists, so every process takes the same save decisions; the
-        # state written below already names this checkpoint as `last`.
+        self._on_main(lambda: storage.temporary_dir(dest), dest)
+        self._everywhere(lambda: storage.write_json(tmp / f"rng-rank{self.accelerator.process_index}.json", capture_rng()), dest)
+        previous_last = self.last
+        # The state written below already names this checkpoint as `last`.
         self.last = Entry("last", trainer_state["epoch"], trainer_state["step"])
-        if self.accelerator.is_main_process:
+
+        def write() -> None:
             self._write_weights(tmp, model_state)
             storage.save_state(optimizer.state_dict(), tmp, "optimizer")
             scaler = getattr(self.accelerator, "scaler", None)
@@ -110,8 +114,43 @@ class Checkpointer:
                 raise CheckpointError(f"the new checkpoint did not verify after writing: {reason}")
             storage.publish(tmp, dest, keep_previous=self.run_dir / "previous")
             self._write_index()
-        self.accelerator.wait_for_everyone()
+
+        try:
+            self._on_main(write, dest, cleanup=tmp)
+        except CheckpointError:
+            self.last = previous_last
+            raise
         return dest
+
+    def _on_main(self, action, dest: Path, cleanup: Path | None = None) -> None:
+        """Run a write on the main process; every process learns whether it failed."""
+        error = None
+        if self.accelerator.is_main_process:
+            error = self._attempt(action, dest, cleanup)
+        self._agree(error)
+
+    def _everywhere(self, action, dest: Path) -> None:
+        self._agree(self._attempt(action, dest, None))
+
+    @staticmethod
+    def _attempt(action, dest: Path, cleanup: Path | None) -> str | None:
+        try:
+            action()
+            return None
+        except (OSError, CheckpointError) as err:
+            if cleanup is not None:
+                shutil.rmtree(cleanup, ignore_errors=True)
+            return f"writing the checkpoint {dest} failed: {err}. The earlier checkpoints and {INDEX} are intact."
+
+    def _agree(self, error: str | None) -> None:
+        # Also the barrier after each write: no process goes on before the checkpoint is complete.
+        errors = [error]
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            errors = gather_object([error])
+        if failures := [e for e in errors if e]:
+            raise CheckpointError(failures[0])
 
     def maybe_save_top(self, model, value: float, epoch: int, step: int, metrics: dict) -> bool:
         """Record an evaluation: write weights if it enters the top-k, refresh `best` if it improves.
@@ -125,25 +164,29 @@ class Checkpointer:
         kept, evicted = select_top_k(others, candidate, self.save_top_k, self.mode)
         enters = candidate in kept
         improves = is_improvement(value, self.best.value if self.best else None, self.mode)
-        if enters or improves:
-            model_state = self.accelerator.get_state_dict(model)
-            if self.accelerator.is_main_process:
-                meta = {**asdict(candidate), "monitor": self.monitor, "mode": self.mode, "metrics": metrics}
-                if enters:
-                    self._write_weights_dir(self.run_dir / candidate.path, model_state, meta)
-                if improves:
-                    self._write_weights_dir(self.run_dir / "best", model_state, {**meta, "path": "best"})
-        if improves:
-            self.best = Entry("best", epoch, step, value)
+        model_state = self.accelerator.get_state_dict(model) if enters or improves else None
+        meta = {**asdict(candidate), "monitor": self.monitor, "mode": self.mode, "metrics": metrics}
+        # Each write is recorded (lists, then index) as soon as it is complete, so a write that
+        # fails later leaves the index listing exactly what is on disk.
+        if enters:
+            self._on_main(lambda: self._write_weights_dir(self.run_dir / candidate.path, model_state, meta),
+                          self.run_dir / candidate.path, cleanup=self.run_dir / "top" / f".{Path(candidate.path).name}.tmp")
         self.kept = kept
-        if self.accelerator.is_main_process:
-            # The index first stops listing a checkpoint, then it is deleted. A candidate that did not
-            # enter can still have a directory: its own, from before a crash, when this is a replay.
-            self._write_index()
-            for entry in [e for e in evicted if e is not candidate] + ([] if enters else [candidate]):
-                storage.remove(self.run_dir / entry.path)
-        self.accelerator.wait_for_everyone()
+        # The index first stops listing a checkpoint, then it is deleted. A candidate that did not
+        # enter can still have a directory: its own, from before a crash, when this is a replay.
+        stale = [e for e in evicted if e is not candidate] + ([] if enters else [candidate])
+        self._on_main(lambda: self._forget(stale), self.run_dir / INDEX)
+        if improves:
+            self._on_main(lambda: self._write_weights_dir(self.run_dir / "best", model_state, {**meta, "path": "best"}),
+                          self.run_dir / "best", cleanup=self.run_dir / ".best.tmp")
+            self.best = Entry("best", epoch, step, value)
+            self._on_main(self._write_index, self.run_dir / INDEX)
         return improves
+
+    def _forget(self, entries: list[Entry]) -> None:
+        self._write_index()
+        for entry in entries:
+            storage.remove(self.run_dir / entry.path)
 
     def _write_weights_dir(self, dest: Path, model_state: dict, meta: dict) -> None:
         tmp = storage.temporary_dir(dest)
@@ -159,6 +202,7 @@ class Checkpointer:
         save_file({k: v.detach().cpu() for k, v in state.items()}, str(directory / WEIGHTS), metadata={"format": "pt"})
 
     def _write_index(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         storage.atomic_write_json(self.run_dir / INDEX, {
             "monitor": self.monitor,
             "mode": self.mode,

@@ -8,6 +8,7 @@ import sys
 
 PREEMPTED_EXIT_CODE = 99  # preempted or max_time_s: `last` is complete, relaunch with resume
 LOST_PROCESS_EXIT_CODE = 3  # another process of the job died or hung
+STOPPED_BY_FAULT_EXIT_CODE = 4  # a checkpoint write failed or the loss became NaN/inf
 
 EPILOG = """\
 overrides:
@@ -24,7 +25,8 @@ launching:
   ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 train.py --config ...   2 CPU processes
 
 exit codes: 0 done; 2 invalid config or data (the message says what to fix); 3 another process
-  of the job died or hung; 99 preempted (SIGTERM/SIGUSR1) or max_time_s spent, with a complete
+  of the job died or hung; 4 a checkpoint write failed or the loss became NaN/inf (earlier
+  checkpoints intact); 99 preempted (SIGTERM/SIGUSR1) or max_time_s spent, with a complete
   `last` checkpoint: relaunch with --set experiment_options.resume=true.
 """
 
@@ -70,6 +72,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except Exception as err:
+        from .storage import CheckpointError
+        from .trainer import NonFiniteLossError
+
+        if isinstance(err, (CheckpointError, NonFiniteLossError)):
+            print(f"error: {err}", file=sys.stderr)
+            return STOPPED_BY_FAULT_EXIT_CODE
         if not _lost_another_process(err):
             raise
         print(f"error: lost contact with another process of this job ({type(err).__name__}: {str(err).splitlines()[0]}). "

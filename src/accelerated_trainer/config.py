@@ -138,6 +138,10 @@ class TrainingOptions(_Section):
     """Stop when the monitored metric stops improving; an integer is the patience."""
     save_top_k: int = Field(3, ge=-1)
     """Keep the k best checkpoints by the monitored metric; -1 keeps all, 0 none."""
+    nonfinite_loss: Literal["stop", "skip"] = "stop"
+    """A NaN/inf loss: stop (checked at each log, evaluation and save: no per-step host sync;
+    `last` keeps the last good state) or skip the optimizer step and count it (one host sync
+    per optimizer step)."""
     max_time_s: float | None = Field(None, gt=0)
     """Wall-clock budget in seconds: when spent, finish the step, save `last` and exit as if
     preempted (exit code 99), so a scheduler can requeue the job and it resumes."""
@@ -195,6 +199,9 @@ class ExperimentOptions(_Section):
     preemption_signals: list[Literal["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT"]] = Field(
         default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     """Signals that make every process finish its step, save `last` and exit with code 99."""
+    on_save_error: Literal["stop", "continue"] = "stop"
+    """A checkpoint write that fails (disk full, permission denied): stop with the error, or warn
+    and keep training. Either way the earlier checkpoints and the index stay intact."""
     distributed_timeout_s: float = Field(600, gt=0)
     """How long a collective may wait for another process before the job fails (a dead or hung rank)."""
 
@@ -251,13 +258,16 @@ def load_config(source: Union[TrainerConfig, dict, str, Path], overrides: list[s
     try:
         return TrainerConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_describe(err, origin=None if isinstance(source, (dict, TrainerConfig)) else source)) from None
+        raise ConfigError(_describe(err, raw, origin=None if isinstance(source, (dict, TrainerConfig)) else source)) from None
 
 
 def _read_file(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist; pass the path of a JSON or YAML config.")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError) as err:
+        raise ConfigError(f"config file {str(path)!r} cannot be read as UTF-8 text: {err}.") from None
     try:
         if path.suffix in (".yaml", ".yml"):
             import yaml
@@ -293,11 +303,11 @@ def _apply_override(raw: dict, override: str) -> None:
     node[leaf] = value
 
 
-def _describe(err: ValidationError, origin: Any) -> str:
+def _describe(err: ValidationError, raw: dict, origin: Any) -> str:
     where = f" in {str(origin)!r}" if origin is not None else ""
     problems: dict[str, list[str]] = {}
     for problem in err.errors():
-        loc = [part for part in problem["loc"] if not _is_internal_loc(part)]
+        loc = _user_path(raw, problem["loc"], missing=problem["type"] == "missing")
         path = ".".join(str(part) for part in loc) or "(top level)"
         if problem["type"] == "extra_forbidden":
             text = f"unknown key{_suggest(loc)}"
@@ -313,12 +323,27 @@ def _describe(err: ValidationError, origin: Any) -> str:
     return f"invalid config{where}: {details}"
 
 
-def _is_internal_loc(part: Any) -> bool:
-    # pydantic adds union-member tags such as "bool" / "str" / "function-after[...]" to locations.
-    return isinstance(part, str) and (part in {"bool", "str", "int", "float", "list[str]"} or "[" in part)
+def _user_path(raw: Any, loc: tuple, missing: bool) -> list:
+    """The part of a pydantic location that names keys of the input.
+
+    pydantic adds union-member tags ("bool", "str", "function-after[...]") to locations; a part
+    that is not a key (or index) of the input at that depth is such a tag.
+    """
+    path, node = [], raw
+    for depth, part in enumerate(loc):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        elif not (missing and depth == len(loc) - 1):
+            continue
+        path.append(part)
+    return path
 
 
 def _suggest(loc: list) -> str:
+    if not loc:
+        return ""
     fields = _fields_at(loc[:-1])
     close = difflib.get_close_matches(str(loc[-1]), fields, n=1, cutoff=0.6)
     if close:

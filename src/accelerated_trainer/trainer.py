@@ -22,6 +22,7 @@ from accelerate.utils import InitProcessGroupKwargs, set_seed
 
 from . import data, storage
 from .checkpoint import Checkpointer
+from .storage import CheckpointError
 from .config import ConfigError, TrainerConfig, load_config
 from .early_stopping import EarlyStopping
 from .models import build_model
@@ -43,6 +44,7 @@ class TrainingState:
     epoch: int = 0  # current epoch, 0-based
     samples_in_epoch: int = 0  # samples of the current epoch consumed, all processes together
     samples_seen: int = 0  # training samples consumed in the whole run
+    skipped_steps: int = 0  # optimizer steps skipped for a non-finite gradient (nonfinite_loss: skip)
     run_id: str | None = None  # the tracker run continued on resume
     num_processes: int = 1
 
@@ -172,6 +174,8 @@ class AcceleratedTrainer:
         self.tracker = Tracker(self.accelerator, self.config.experiment_options, self.run_dir, self.config.model_dump(mode="json"))
         self.state = TrainingState(num_processes=self.accelerator.num_processes)
         self.preempted = False
+        self._step_skipped = False
+        self._nonfinite_losses = torch.zeros((), dtype=torch.int64, device=self.accelerator.device)
         self.last_metrics: dict[str, float] = {}
 
     # ------------------------------------------------------------ the run
@@ -179,29 +183,43 @@ class AcceleratedTrainer:
     def train(self) -> TrainResult:
         """Run the whole job: resume if asked, train and validate, checkpoint, stop, report."""
         started = time.perf_counter()
-        self._prepare_run_dir()
-        self._maybe_resume()
-        self.tracker.start(self.state.run_id, step=self.state.step)
-        self.state.run_id = self.tracker.run_id
-        experiment = self.config.experiment_options
-        self.stop_request = StopRequest(self.accelerator, experiment.preemption_signals, self.config.training_options.max_time_s)
-        self.stop_request.install()
-        n_epochs = self.config.training_options.n_epochs
-        self.progress = Progress(self.config.experiment_options.progress_bar and self.accelerator.is_main_process,
-                                 n_epochs, self.state.epoch)
-        stop_reason = self._stop_reason_before_start()
+        self._start_run()
         try:
-            while stop_reason is None:
-                stop_reason = self._train_epoch()
-                if stop_reason is None and self.state.epoch >= n_epochs:
-                    stop_reason = f"completed {n_epochs} epochs"
-            self.stop_request.drain()
+            stop_reason = self._run_epochs()
+            if self.checkpointer.last is None or self.checkpointer.last.step != self.state.step:
+                self._save_last()
+        except BaseException as err:
+            self._close_after_failure(err)
+            raise
         finally:
             self.progress.close()
             self.stop_request.uninstall()
-        if self.checkpointer.last is None or self.checkpointer.last.step != self.state.step:
-            self._save_last()
         return self._finish(stop_reason, time.perf_counter() - started)
+
+    def _start_run(self) -> None:
+        self._prepare_run_dir()
+        self._maybe_resume()
+        # Written only once the run can start: a refused resume leaves the directory as it was.
+        if self.accelerator.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            storage.atomic_write_json(self.run_dir / "config.json", self.config.model_dump(mode="json"))
+        self.tracker.start(self.state.run_id, step=self.state.step)
+        self.state.run_id = self.tracker.run_id
+        training = self.config.training_options
+        self.stop_request = StopRequest(self.accelerator, self.config.experiment_options.preemption_signals, training.max_time_s)
+        self.stop_request.install()
+        self.progress = Progress(self.config.experiment_options.progress_bar and self.accelerator.is_main_process,
+                                 training.n_epochs, self.state.epoch)
+
+    def _run_epochs(self) -> str:
+        n_epochs = self.config.training_options.n_epochs
+        stop_reason = self._stop_reason_before_start()
+        while stop_reason is None:
+            stop_reason = self._train_epoch()
+            if stop_reason is None and self.state.epoch >= n_epochs:
+                stop_reason = f"completed {n_epochs} epochs"
+        self.stop_request.drain()
+        return stop_reason
 
     def _train_epoch(self) -> str | None:
         """Train to the end of the current epoch; return a stop reason if training must stop."""
@@ -231,16 +249,26 @@ class AcceleratedTrainer:
 
     def _training_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         training = self.config.training_options
+        skip_nonfinite = training.nonfinite_loss == "skip"
         with self.accelerator.accumulate(self.model):
             sample_losses, _ = self._forward(batch)
             loss = sample_losses.mean()
             self.accelerator.backward(loss)
-            if self.accelerator.sync_gradients and (training.max_grad_norm or self._logs_after_this_step()):
-                # Without clipping the norm is still measured, but only on the steps that log it.
+            syncing = self.accelerator.sync_gradients
+            if syncing and (training.max_grad_norm or skip_nonfinite or self._logs_after_this_step()):
+                # Without clipping the norm is still measured, but only on the steps that need it.
                 limit = training.max_grad_norm or float("inf")
                 self._grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), limit)
-            self.optimizer.step()
+            # The skip policy's host sync: the norm of the all-reduced gradients is the same on
+            # every process, so they all skip the same steps.
+            if syncing and skip_nonfinite and not torch.isfinite(self._grad_norm).item():
+                self.state.skipped_steps += 1
+                self._step_skipped = True
+            else:
+                self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+        # Counted on device: the stop policy looks at it only when it syncs anyway (log, eval, save).
+        self._nonfinite_losses += ~torch.isfinite(loss.detach())
         # Counted in full batches: every micro-batch but an epoch's last is full, and the epoch end resets it.
         self.state.samples_in_epoch += self._samples_per_micro_batch
         return loss
@@ -256,7 +284,16 @@ class AcceleratedTrainer:
         args = (inputs.pop("features"),) if "features" in inputs else ()
         if self._pass_labels:
             inputs["labels"] = labels
-        output = self.model(*args, **inputs)
+        try:
+            output = self.model(*args, **inputs)
+        except (TypeError, ValueError, RuntimeError, IndexError, KeyError, AttributeError) as err:
+            if isinstance(err, torch.distributed.DistError):
+                raise
+            raise ModelError(
+                f"the model's forward raised {type(err).__name__}: {err}. It was called as "
+                f"model({'features, ' if args else ''}{', '.join(f'{k}=' for k in inputs)}) with {_shapes(batch)}; "
+                f"{EXPECTED_OUTPUT.get(self.config.training_options.task, EXPECTED_OUTPUT['classification'])}"
+            ) from err
         model_loss, predictions = _unpack_output(output)
         if model_loss is not None:
             return per_sample(model_loss, labels.shape[0]), predictions
@@ -269,10 +306,10 @@ class AcceleratedTrainer:
             else:
                 losses = self.loss_fn(predictions, labels)
         except (RuntimeError, ValueError, IndexError) as err:
-            shapes = ", ".join(f"{name} {tuple(value.shape)}" for name, value in batch.items())
-            raise RuntimeError(
+            raise ModelError(
                 f"{type(self.loss_fn).__name__} cannot compare the model output of shape {tuple(predictions.shape)} "
-                f"with labels of shape {tuple(labels.shape)} (batch: {shapes}): {err}"
+                f"with labels of shape {tuple(labels.shape)} (batch: {_shapes(batch)}): {err}. "
+                f"{EXPECTED_OUTPUT.get(self.config.training_options.task, EXPECTED_OUTPUT['classification'])}"
             ) from err
         return per_sample(losses, labels.shape[0]), predictions
 
@@ -281,8 +318,9 @@ class AcceleratedTrainer:
 
     def _after_optimizer_step(self) -> str | None:
         training = self.config.training_options
-        if not self.accelerator.optimizer_step_was_skipped:  # fp16 overflow steps leave the schedule alone
-            self.scheduler.step()
+        if not (self.accelerator.optimizer_step_was_skipped or self._step_skipped):
+            self.scheduler.step()  # fp16 overflow and skipped non-finite steps leave the schedule alone
+        self._step_skipped = False
         self.state.step += 1
         self.progress.advance()
         step = self.state.step
@@ -313,12 +351,15 @@ class AcceleratedTrainer:
             return
         # The one host sync of the loss per logging interval.
         loss = self.accelerator.reduce(self._loss_sum / self._micro_batches, reduction="mean").item()
+        self._check_finite()
         elapsed = time.perf_counter() - self._window_start
         samples = self._samples * self.accelerator.num_processes
         metrics = {"train_loss": loss, "lr": self.scheduler.get_last_lr()[0], "epoch": self.state.epoch,
                    "samples_per_s": samples / max(elapsed, 1e-9)}
         if self._grad_norm is not None:
             metrics["grad_norm"] = float(self._grad_norm)
+        if self.config.training_options.nonfinite_loss == "skip":
+            metrics["skipped_steps"] = self.state.skipped_steps
         if self.accelerator.device.type == "cuda":
             metrics["peak_memory_mb"] = torch.cuda.max_memory_allocated(self.accelerator.device) / 2**20
         self.tracker.log(metrics, step=self.state.step)
@@ -336,11 +377,36 @@ class AcceleratedTrainer:
         self.model.train()
         return metrics.compute()
 
+    def _check_finite(self) -> None:
+        """Stop policy for a NaN/inf loss: raise before a diverged model is evaluated or saved."""
+        if self.config.training_options.nonfinite_loss != "stop":
+            return
+        if self.accelerator.reduce(self._nonfinite_losses, reduction="sum").item() == 0:
+            return
+        last = self.checkpointer.last
+        kept = f"{self.run_dir / 'last'} (step {last.step}) keeps the last good state" if last else "no checkpoint was written yet"
+        raise NonFiniteLossError(
+            f"the training loss became NaN or infinite at or before step {self.state.step + 1}; {kept}. Lower "
+            "training_options.optimizer.lr, set training_options.max_grad_norm, check the data for NaN/inf, or set "
+            "training_options.nonfinite_loss to \"skip\" to skip such steps."
+        )
+
+    def _guard_save(self, save: Callable[[], Any]) -> None:
+        """Run a checkpoint write under experiment_options.on_save_error."""
+        try:
+            save()
+        except CheckpointError as err:
+            if self.config.experiment_options.on_save_error == "stop":
+                raise
+            _say(self.accelerator, f"warning: {err} Training goes on (experiment_options.on_save_error: continue).")
+
     def _evaluate_and_checkpoint(self) -> str | None:
         training = self.config.training_options
+        self._check_finite()
         self.last_metrics = self.evaluate()
         value = self.last_metrics[training.monitor]
-        self.checkpointer.maybe_save_top(self.model, value, self.state.epoch, self.state.step, self.last_metrics)
+        self._guard_save(lambda: self.checkpointer.maybe_save_top(
+            self.model, value, self.state.epoch, self.state.step, self.last_metrics))
         best = self.checkpointer.best
         self.tracker.log({**self.last_metrics, "epoch": self.state.epoch,
                           f"best_{training.monitor}": best.value if best else value}, step=self.state.step)
@@ -352,13 +418,14 @@ class AcceleratedTrainer:
         return reason if flag.item() > 0 else None
 
     def _save_last(self) -> None:
+        self._check_finite()
         trainer_state = {
             **self.state.state_dict(),
             "early_stopping": self.early_stopping.state_dict() if self.early_stopping else None,
             "config": self.config.model_dump(mode="json"),
             "data": {"train_rows": self.train_sampler.num_rows, "train_fingerprint": self.data_fingerprint},
         }
-        self.checkpointer.save_last(self.model, self.optimizer, self.scheduler, trainer_state)
+        self._guard_save(lambda: self.checkpointer.save_last(self.model, self.optimizer, self.scheduler, trainer_state))
 
     # ------------------------------------------------------------ run directory and resume
 
@@ -372,9 +439,7 @@ class AcceleratedTrainer:
                     "to delete them."
                 )
             self.checkpointer.clear()
-        if self.accelerator.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            storage.atomic_write_json(self.run_dir / "config.json", self.config.model_dump(mode="json"))
+
 
     def _maybe_resume(self) -> None:
         resume = self.config.experiment_options.resume
@@ -420,6 +485,13 @@ class AcceleratedTrainer:
             return f"reached max_steps={training.max_steps} (already done in the resumed checkpoint)"
         return None
 
+    def _close_after_failure(self, err: BaseException) -> None:
+        # Close the tracker so the logged history is kept; never mask the original error.
+        try:
+            self.tracker.finish({"stop_reason": f"failed: {type(err).__name__}: {err}", "steps": self.state.step})
+        except Exception:
+            pass
+
     def _finish(self, stop_reason: str, seconds: float) -> TrainResult:
         best = self.checkpointer.best
         result = TrainResult(
@@ -432,6 +504,25 @@ class AcceleratedTrainer:
                              "steps": result.steps, "epochs": result.epochs, "seconds": seconds})
         _say(self.accelerator, _summary(result, seconds, self.checkpointer.kept))
         return result
+
+
+class ModelError(RuntimeError):
+    """The model's forward failed, or its output does not fit the loss; the message names the shapes."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite (training_options.nonfinite_loss: stop)."""
+
+
+EXPECTED_OUTPUT = {
+    "classification": "the loss expects outputs of shape (batch, classes) (or (batch, positions, classes)) and "
+                      "int64 class indices of shape (batch,) (or (batch, positions)) below the number of classes.",
+    "regression": "the loss expects outputs with as many values per example as the labels.",
+}
+
+
+def _shapes(batch: dict[str, torch.Tensor]) -> str:
+    return ", ".join(f"{name} {tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}" for name, value in batch.items())
 
 
 def _say(accelerator, message: str) -> None:
