@@ -214,6 +214,6 @@ def test_missing_data_file_names_the_key(tmp_path):
 
 
 def test_wrong_output_shape_names_the_shapes(tmp_path):
-    model = nn.Linear(64, 3)  # 3 outputs for labels 0..9
-    with pytest.raises(RuntimeError, match=r"output of shape \(64, 3\).*labels of shape \(64,\).*features \(64, 64\)"):
+    model = nn.Sequential(nn.Linear(64, 10), nn.Flatten(0))  # (640,) instead of (64, 10)
+    with pytest.raises(RuntimeError, match=r"output of shape \(640,\).*labels of shape \(64,\).*features \(64, 64\)"):
         AcceleratedTrainer(model, digits_config(tmp_path)).train()

@@ -290,7 +290,8 @@ class AcceleratedTrainer:
             if isinstance(err, torch.distributed.DistError):
                 raise
             raise ModelError(
-                f"the model's forward raised {type(err).__name__}: {err}. It was called as "
+                f"the model's forward raised {type(err).__name__}: {err}. Its inputs come from "
+                "dataset_options.feature_columns / input_columns; it was called as "
                 f"model({'features, ' if args else ''}{', '.join(f'{k}=' for k in inputs)}) with {_shapes(batch)}; "
                 f"{EXPECTED_OUTPUT.get(self.config.training_options.task, EXPECTED_OUTPUT['classification'])}"
             ) from err
@@ -306,6 +307,14 @@ class AcceleratedTrainer:
             else:
                 losses = self.loss_fn(predictions, labels)
         except (RuntimeError, ValueError, IndexError) as err:
+            if self.config.training_options.task != "regression" and labels.dtype == torch.long and predictions.ndim >= 2:
+                classes = predictions.shape[-1]
+                low, high = int(labels.min()), int(labels.max())
+                if low < 0 or high >= classes:
+                    raise ModelError(
+                        f"dataset_options.label_column {self.config.dataset_options.label_column!r} holds class {high if high >= classes else low} "
+                        f"but the model outputs {classes} classes (0..{classes - 1}); fix the labels or the model's output size."
+                    ) from err
             raise ModelError(
                 f"{type(self.loss_fn).__name__} cannot compare the model output of shape {tuple(predictions.shape)} "
                 f"with labels of shape {tuple(labels.shape)} (batch: {_shapes(batch)}): {err}. "

@@ -28,5 +28,11 @@ def test_forward_that_raises_names_the_batch(tmp_path):
 
 
 def test_output_that_does_not_fit_the_loss(tmp_path):
-    with pytest.raises(ModelError, match=r"output of shape \(64, 3\) with labels of shape \(64,\)"):
-        AcceleratedTrainer(nn.Linear(64, 3), digits_config(tmp_path)).train()
+    flat = nn.Sequential(nn.Linear(64, 10), nn.Flatten(0))  # (640,) instead of (64, 10)
+    with pytest.raises(ModelError, match=r"output of shape \(640,\) with labels of shape \(64,\).*\(batch, classes\)"):
+        AcceleratedTrainer(flat, digits_config(tmp_path)).train()
+
+
+def test_labels_beyond_the_model_classes_name_the_column(tmp_path):
+    with pytest.raises(ModelError, match=r"dataset_options.label_column 'label' holds class 9 but the model outputs 8 classes"):
+        AcceleratedTrainer(nn.Linear(64, 8), digits_config(tmp_path)).train()
