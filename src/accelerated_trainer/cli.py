@@ -54,7 +54,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Imported here so that --help answers without loading pydantic, torch or accelerate.
     from .config import ConfigError, json_schema, load_config
-    from .data import DataError
 
     if args.schema:
         print(json.dumps(json_schema(), indent=2))
@@ -68,13 +67,18 @@ def main(argv: list[str] | None = None) -> int:
         from .trainer import AcceleratedTrainer
 
         result = AcceleratedTrainer(None, config).train()
-    except (ConfigError, DataError) as err:
+    except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except Exception as err:
+        # Imported here: importing torch would make config errors take seconds instead of milliseconds.
+        from .data import DataError
         from .storage import CheckpointError
         from .trainer import NonFiniteLossError
 
+        if isinstance(err, DataError):
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         if isinstance(err, (CheckpointError, NonFiniteLossError)):
             print(f"error: {err}", file=sys.stderr)
             return STOPPED_BY_FAULT_EXIT_CODE
