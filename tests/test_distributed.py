@@ -40,3 +40,21 @@ def test_two_processes_train_one_model_together(tmp_path):
         assert abs(row["val_accuracy"] * 359 - round(row["val_accuracy"] * 359)) < 1e-3
     assert result.stdout.count("run finished") == 1
     assert validations[-1]["val_accuracy"] > 0.85
+
+
+def test_only_the_main_process_talks_to_trackers(tmp_path):
+    env_home = {"HOME": str(tmp_path), "WANDB_API_KEY": ""}
+    command = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29619",
+               "train.py", "--config", "configs/digits.json", "--quiet", "--set", f"experiment_options.ckpt_dir={tmp_path}",
+               "--set", 'experiment_options.trackers=["wandb","tensorboard"]', "--set", "training_options.n_epochs=2"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", **env_home}
+    env.pop("WANDB_MODE", None)
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "digits-mlp"
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1
+    assert result.stdout.count("logging offline") == 1
+    events = list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
+    writers = {path.name.split(".")[-2] for path in events}  # events.out.tfevents.TIME.HOST.PID.N
+    assert events and len(writers) == 1, events
