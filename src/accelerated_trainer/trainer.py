@@ -234,6 +234,7 @@ class AcceleratedTrainer:
             self._loss_sum += loss.detach()
             self._micro_batches += 1
             self._samples += batch["labels"].shape[0]
+            self._tokens += _token_count(batch)
             self.state.samples_seen += batch["labels"].shape[0] * self.accelerator.num_processes
             if self.accelerator.sync_gradients and (reason := self._after_optimizer_step()):
                 return reason
@@ -352,6 +353,7 @@ class AcceleratedTrainer:
         self._loss_sum = torch.zeros((), device=self.accelerator.device)
         self._micro_batches = 0
         self._samples = 0
+        self._tokens = 0
         self._grad_norm = None
         self._window_start = time.perf_counter()
 
@@ -365,6 +367,8 @@ class AcceleratedTrainer:
         samples = self._samples * self.accelerator.num_processes
         metrics = {"train_loss": loss, "lr": self.scheduler.get_last_lr()[0], "epoch": self.state.epoch,
                    "samples_per_s": samples / max(elapsed, 1e-9)}
+        if self._tokens:
+            metrics["tokens_per_s"] = self._tokens * self.accelerator.num_processes / max(elapsed, 1e-9)
         if self._grad_norm is not None:
             metrics["grad_norm"] = float(self._grad_norm)
         if self.config.training_options.nonfinite_loss == "skip":
@@ -532,6 +536,14 @@ EXPECTED_OUTPUT = {
 
 def _shapes(batch: dict[str, torch.Tensor]) -> str:
     return ", ".join(f"{name} {tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}" for name, value in batch.items())
+
+
+def _token_count(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens in a batch, from shapes only (no device sync): input_ids, or per-position labels."""
+    if "input_ids" in batch:
+        return batch["input_ids"].numel()
+    labels = batch["labels"]
+    return labels.numel() if labels.ndim > 1 else 0
 
 
 def _say(accelerator, message: str) -> None:
