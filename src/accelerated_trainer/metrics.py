@@ -8,13 +8,17 @@ same values over exactly the validation set.
 from __future__ import annotations
 
 import inspect
+import math
 
 import torch
 from torch import nn
 
 from .config import ConfigError, LossOptions
 
-DEFAULT_LOSS = {"classification": "CrossEntropyLoss", "regression": "MSELoss"}
+IGNORE_INDEX = -100  # CrossEntropyLoss's default ignore_index, also used by HF models
+
+DEFAULT_LOSS = {"classification": "CrossEntropyLoss", "regression": "MSELoss", "language_modeling": "CrossEntropyLoss"}
+CLASS_TASKS = ("classification", "language_modeling")  # outputs are class scores, labels class indices
 
 
 def build_loss(options: LossOptions | None, task: str) -> nn.Module:
@@ -58,7 +62,7 @@ class ValidationMetrics:
         # Classification keeps only the arg-max, not the logits: validation memory stays O(samples).
         predictions = None
         if outputs is not None:
-            predictions = outputs.argmax(dim=-1) if self.task == "classification" else outputs.reshape(labels.shape)
+            predictions = outputs.argmax(dim=-1) if self.task in CLASS_TASKS else outputs.reshape(labels.shape)
         if predictions is None:
             self.losses.append(self.accelerator.gather_for_metrics(sample_losses.detach().float()))
             return
@@ -69,10 +73,14 @@ class ValidationMetrics:
 
     def compute(self) -> dict[str, float]:
         result = {"val_loss": torch.cat(self.losses).mean().item()}
+        if self.task == "language_modeling":
+            # Every block has the same length, so the mean of per-block means is the mean per token.
+            result["val_perplexity"] = math.exp(min(result["val_loss"], 700.0))
         if self.predictions:
             predictions, targets = torch.cat(self.predictions), torch.cat(self.targets)
-            if self.task == "classification":
-                result["val_accuracy"] = (predictions == targets).float().mean().item()
+            if self.task in CLASS_TASKS:
+                scored = targets != IGNORE_INDEX  # positions a loss skips are not scored either
+                result["val_accuracy"] = (predictions == targets)[scored].float().mean().item()
             else:
                 errors = predictions.float() - targets.float()
                 result["val_mae"] = errors.abs().mean().item()
