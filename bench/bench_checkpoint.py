@@ -11,7 +11,8 @@ Variants, all writing the same tensors (weights, exp_avg, exp_avg_sq) into a fre
                 (re-reads and hashes), rename into place; from the second save on it also moves
                 the old `last` to `previous` and deletes the one before, as in training
 MB/s is the tensor payload (the raw variant's bytes) over the seconds, whatever the format adds.
-Each timed save starts after os.sync(), so no variant pays for another's dirty pages.
+Each timed save starts after os.sync(), so no variant pays for another's dirty pages, and
+writes next to its previous output, deleted only afterwards, as save_last's `last` is.
 """
 
 from __future__ import annotations
@@ -134,17 +135,19 @@ def main(argv: list[str] | None = None) -> int:
     seconds: dict[str, list[float]] = {name: [] for name in names}
     sizes: dict[str, int] = {}
     try:
-        for _, name in rounds(names, args.rounds):
-            out = root / name
-            if name != "save_last":  # save_last manages its own directory: last, previous
-                shutil.rmtree(out, ignore_errors=True)
-                out.mkdir()
+        for r, name in rounds(names, args.rounds):
+            # A fresh directory each round; the one before is deleted only after the timed write,
+            # as save_last keeps `last` while writing the next (deleting first would hand the new
+            # write the page cache just freed, which is markedly faster on this VM).
+            out = root / name / str(r)
+            out.mkdir(parents=True, exist_ok=True)
             os.sync()
             with silenced():
                 started = time.perf_counter()
                 SAVERS[name](out, ctx)
                 seconds[name].append(time.perf_counter() - started)
             sizes[name] = size_of(root / "run" / "last" if name == "save_last" else out)
+            shutil.rmtree(root / name / str(r - 1), ignore_errors=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
