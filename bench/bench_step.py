@@ -15,8 +15,8 @@ matrices only, lr 1e-3) and batch size:
   (d) lightning, hf      Lightning and HF Trainer with their defaults, when installed
 
 How a step is timed: every variant trains the same MLP, whose forward records
-time.perf_counter() and time.process_time(). ms/step is (stamp[warmup + steps] - stamp[warmup])
-/ steps, so it covers whole steps, forward to forward: data loading, backward, optimizer,
+time.perf_counter() (and time.process_time() at the window's two ends). ms/step is
+(stamp[warmup + steps] - stamp[warmup]) / steps, so it covers whole steps, forward to forward: data loading, backward, optimizer,
 scheduler, logging and the progress bar. It leaves out construction, the warm-up steps and what
 a framework does after its last step (the package's final checkpoint). The data is long enough
 that every variant stays inside its first epoch, so no epoch-end validation or checkpoint falls
@@ -98,23 +98,29 @@ def compute_workload(steps: int, warmup: int, threads: int) -> Workload:
 
 # ---------------------------------------------------------------- the model and optimizer all share
 
-Stamps = list[tuple[float, float]]  # (perf_counter, process_time) at the start of each forward
-
-
 class MLP(nn.Module):
-    """Linear and GELU layers; each forward records its start (wall, CPU) times in `stamps`."""
+    """Linear and GELU layers; each forward records its start time in `stamps`, and the CPU
+    time too in `cpu_stamps` for the forwards numbered in `cpu_at`.
 
-    def __init__(self, dims: list[int]):
+    CPU time only where needed: process_time() is a system call, and py-spy over-samples frames
+    that make one, which would distort profile_step.py's shares.
+    """
+
+    def __init__(self, dims: list[int], cpu_at: tuple[int, ...] = ()):
         super().__init__()
         layers: list[nn.Module] = []
         for width, out in itertools.pairwise(dims[:-1]):
             layers += [nn.Linear(width, out), nn.GELU()]
         layers.append(nn.Linear(dims[-2], dims[-1]))
         self.net = nn.Sequential(*layers)
-        self.stamps: Stamps = []
+        self.stamps: list[float] = []
+        self.cpu_stamps: dict[int, float] = {}
+        self._cpu_at = frozenset(cpu_at)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        self.stamps.append((time.perf_counter(), time.process_time()))
+        if len(self.stamps) in self._cpu_at:
+            self.cpu_stamps[len(self.stamps)] = time.process_time()
+        self.stamps.append(time.perf_counter())
         return self.net(features)
 
 
@@ -141,7 +147,7 @@ def make_optimizer(model: nn.Module, kwargs: dict | None = None) -> torch.optim.
 
 def new_model(w: Workload) -> MLP:
     torch.manual_seed(0)
-    return MLP(w.dims)
+    return MLP(w.dims, cpu_at=(w.warmup, w.warmup + w.steps))
 
 
 def tensors(w: Workload) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,10 +158,10 @@ def loader(w: Workload) -> DataLoader:
     return DataLoader(TensorDataset(*tensors(w)), batch_size=w.batch_size, shuffle=True)
 
 
-# ---------------------------------------------------------------- variants: each returns the forward stamps
+# ---------------------------------------------------------------- variants: each returns the stamped model
 
 
-def run_hand(w: Workload, tmp: Path) -> Stamps:
+def run_hand(w: Workload, tmp: Path) -> MLP:
     model = new_model(w)
     optimizer = make_optimizer(model)
     x, y = tensors(w)
@@ -165,10 +171,10 @@ def run_hand(w: Workload, tmp: Path) -> Stamps:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return model.stamps
+    return model
 
 
-def run_loader(w: Workload, tmp: Path) -> Stamps:
+def run_loader(w: Workload, tmp: Path) -> MLP:
     model = new_model(w)
     optimizer = make_optimizer(model)
     for step, (features, labels) in enumerate(loader(w), 1):
@@ -178,10 +184,10 @@ def run_loader(w: Workload, tmp: Path) -> Stamps:
         optimizer.zero_grad(set_to_none=True)
         if step == w.total_steps:
             break
-    return model.stamps
+    return model
 
 
-def run_accelerate(w: Workload, tmp: Path) -> Stamps:
+def run_accelerate(w: Workload, tmp: Path) -> MLP:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
@@ -196,7 +202,7 @@ def run_accelerate(w: Workload, tmp: Path) -> Stamps:
         optimizer.zero_grad(set_to_none=True)
         if step == w.total_steps:
             break
-    return model.stamps
+    return model
 
 
 def trainer_config(w: Workload, tmp: Path, optimizer_kwargs: dict) -> dict:
@@ -221,20 +227,20 @@ def _train_dataset(w: Workload):
     return _datasets[w.name]
 
 
-def run_trainer(w: Workload, tmp: Path, optimizer_kwargs: dict | None = None) -> Stamps:
+def run_trainer(w: Workload, tmp: Path, optimizer_kwargs: dict | None = None) -> MLP:
     from accelerated_trainer import AcceleratedTrainer
 
     model = new_model(w)
     config = trainer_config(w, tmp, FAST_KWARGS if optimizer_kwargs is None else optimizer_kwargs)
     AcceleratedTrainer(model, config, train_dataset=_train_dataset(w)).train()
-    return model.stamps
+    return model
 
 
-def run_trainer_default(w: Workload, tmp: Path) -> Stamps:
+def run_trainer_default(w: Workload, tmp: Path) -> MLP:
     return run_trainer(w, tmp, optimizer_kwargs={})
 
 
-def run_lightning(w: Workload, tmp: Path) -> Stamps:
+def run_lightning(w: Workload, tmp: Path) -> MLP:
     import lightning as L
 
     class Module(L.LightningModule):
@@ -255,10 +261,10 @@ def run_lightning(w: Workload, tmp: Path) -> Stamps:
     trainer = L.Trainer(max_steps=w.total_steps, accelerator="cpu", devices=1, log_every_n_steps=10,
                         default_root_dir=str(tmp), enable_model_summary=False)
     trainer.fit(Module(model), loader(w))
-    return model.stamps
+    return model
 
 
-def run_hf(w: Workload, tmp: Path) -> Stamps:
+def run_hf(w: Workload, tmp: Path) -> MLP:
     from transformers import Trainer, TrainingArguments
 
     class WithLoss(nn.Module):  # HF Trainer expects the model to return its loss
@@ -286,7 +292,7 @@ def run_hf(w: Workload, tmp: Path) -> Stamps:
     args = TrainingArguments(output_dir=str(tmp), per_device_train_batch_size=w.batch_size, max_steps=w.total_steps,
                              logging_steps=10, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=False)
     Trainer(model=WithLoss(model), args=args, train_dataset=Rows(*tensors(w)), optimizers=(optimizer, schedule)).train()
-    return model.stamps
+    return model
 
 
 RUNNERS = {"hand": run_hand, "loader": run_loader, "accel": run_accelerate, "trainer": run_trainer,
@@ -305,13 +311,13 @@ def measure(w: Workload, variants: list[str], n_rounds: int, log: Path | None) -
         torch.set_num_threads(w.threads)  # frameworks may change it; every variant starts alike
         with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp, silenced(log), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            stamps = RUNNERS[name](w, Path(tmp))
+            model = RUNNERS[name](w, Path(tmp))
             if name == "trainer" and (ms := _jsonl_ms_per_step(Path(tmp) / "trainer" / "metrics.jsonl", w.batch_size)):
                 from_jsonl.append(ms)
-        if len(stamps) < w.total_steps:
-            raise RuntimeError(f"{name} ran {len(stamps)} forwards, expected {w.total_steps}")
-        for clock in (0, 1):
-            results[name][clock].append((stamps[w.warmup + w.steps][clock] - stamps[w.warmup][clock]) / w.steps * 1e3)
+        if len(model.stamps) < w.total_steps:
+            raise RuntimeError(f"{name} ran {len(model.stamps)} forwards, expected {w.total_steps}")
+        for clock, stamps in enumerate((model.stamps, model.cpu_stamps)):
+            results[name][clock].append((stamps[w.warmup + w.steps] - stamps[w.warmup]) / w.steps * 1e3)
     return results, from_jsonl
 
 
