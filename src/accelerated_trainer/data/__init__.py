@@ -119,6 +119,29 @@ def _check_columns(dataset, options: DatasetOptions, split: str, source: str) ->
                 )
     if len(dataset) == 0:
         raise DataError(f"the {split} split from {source} is empty.")
+    for key, columns in keys:
+        for column in columns:
+            _check_finite(dataset.data.table.column(column), f"dataset_options.{key}", column, split, source)
+
+
+def _check_finite(column: pa.ChunkedArray, key: str, name: str, split: str, source: str) -> None:
+    """NaN, inf or missing values in a numeric column: an error before training, not a NaN loss later."""
+    rows = len(column)
+    values = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    while pa.types.is_list(values.type) or pa.types.is_large_list(values.type) or pa.types.is_fixed_size_list(values.type):
+        if values.null_count:
+            break
+        values = pc.list_flatten(values)
+    if not (pa.types.is_floating(values.type) or pa.types.is_integer(values.type)):
+        return
+    bad = pc.invert(pc.fill_null(pc.is_finite(values), False)) if pa.types.is_floating(values.type) else pc.is_null(values)
+    count = pc.sum(bad).as_py() or 0
+    if count:
+        first = pc.index(bad, True).as_py() // max(len(values) // max(rows, 1), 1)
+        raise DataError(
+            f"{key}: column {name!r} of the {split} data from {source} has {count} NaN, infinite or missing "
+            f"value(s), the first in row {first}; clean or impute them before training."
+        )
 
 
 def _whole_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
