@@ -217,3 +217,26 @@ def test_wrong_output_shape_names_the_shapes(tmp_path):
     model = nn.Sequential(nn.Linear(64, 10), nn.Flatten(0))  # (640,) instead of (64, 10)
     with pytest.raises(RuntimeError, match=r"output of shape \(640,\).*labels of shape \(64,\).*features \(64, 64\)"):
         AcceleratedTrainer(model, digits_config(tmp_path)).train()
+
+
+class CountsTokens(nn.Module):
+    """Embeds a (batch, 16) id sequence given as the input_ids keyword."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(10, 8), nn.Linear(8, 3)
+
+    def forward(self, input_ids):
+        return self.head(self.embed(input_ids).mean(dim=1))
+
+
+def test_token_throughput_is_logged_for_token_inputs(tmp_path):
+    ids = torch.randint(0, 10, (256, 16), generator=torch.Generator().manual_seed(0))
+    train = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "label": (ids[:, 0] % 3).tolist()})
+    config = digits_config(tmp_path, training_options={"n_epochs": 1, "log_every_n_steps": 2},
+                           dataset_options={"feature_columns": [], "data_files": {}, "validation_split": 0.25})
+    config["dataset_options"]["input_columns"] = ["input_ids"]
+    config["dataset_options"]["dtypes"] = {"input_ids": "int64"}
+    AcceleratedTrainer(CountsTokens(), config, train_dataset=train).train()
+    rows = [row for row in metric_rows(tmp_path / "digits-mlp") if "train_loss" in row]
+    assert rows and all(row["tokens_per_s"] == pytest.approx(row["samples_per_s"] * 16) for row in rows)
