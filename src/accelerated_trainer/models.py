@@ -36,19 +36,104 @@ class MLP(nn.Module):
         return self.net(features)
 
 
-BUILTIN = {"mlp": MLP}
+class CharTransformer(nn.Module):
+    """A small causal transformer language model (GPT-style, pre-norm) with tied embeddings.
+
+    The output layer shares the token embedding matrix, which saves vocab_size x n_embd
+    parameters and trains better at this size.
+
+    Args:
+        vocab_size: token ids are 0..vocab_size-1 (inferred from the data).
+        block_size: the longest sequence, for the learned position embedding (from the data).
+        n_layer / n_head / n_embd: depth, attention heads and width.
+        dropout: dropout probability on embeddings, attention and residual branches.
+    """
+
+    def __init__(self, vocab_size: int, block_size: int, n_layer: int = 2, n_head: int = 4, n_embd: int = 128,
+                 dropout: float = 0.0):
+        super().__init__()
+        if n_embd % n_head:
+            raise ValueError(f"n_embd ({n_embd}) must be a multiple of n_head ({n_head})")
+        self.block_size = block_size
+        self.token_embedding = nn.Embedding(vocab_size, n_embd)
+        self.position_embedding = nn.Embedding(block_size, n_embd)
+        self.dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(_Block(n_embd, n_head, dropout) for _ in range(n_layer))
+        self.norm = nn.LayerNorm(n_embd)
+        self.head = nn.Linear(n_embd, vocab_size, bias=False)
+        self.head.weight = self.token_embedding.weight
+        self.apply(_init_weights)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Token ids (batch, positions) to next-token logits (batch, positions, vocab_size)."""
+        length = features.shape[1]
+        if length > self.block_size:
+            raise ValueError(f"sequence of {length} tokens is longer than block_size {self.block_size}")
+        positions = torch.arange(length, device=features.device)
+        x = self.dropout(self.token_embedding(features) + self.position_embedding(positions))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+
+class _Block(nn.Module):
+    def __init__(self, n_embd: int, n_head: int, dropout: float):
+        super().__init__()
+        self.n_head, self.dropout = n_head, dropout
+        self.norm1, self.norm2 = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
+        self.qkv = nn.Linear(n_embd, 3 * n_embd)
+        self.proj = nn.Linear(n_embd, n_embd)
+        self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd), nn.Dropout(dropout))
+        self.residual_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, width = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(batch, length, 3, self.n_head, width // self.n_head).permute(2, 0, 3, 1, 4)
+        attended = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        x = x + self.residual_dropout(self.proj(attended.transpose(1, 2).reshape(batch, length, width)))
+        return x + self.mlp(self.norm2(x))
+
+
+def _init_weights(module: nn.Module) -> None:
+    # GPT-2's initialisation: small normal weights keep the tied embedding/output logits near uniform at start.
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
+BUILTIN = {"mlp": MLP, "char_transformer": CharTransformer}
+
+# Constructor arguments of built-in models that the data decides: argument -> data_info key.
+_FROM_DATA = {
+    "mlp": {"input_dim": "input_dim", "output_dim": "num_classes"},
+    "char_transformer": {"vocab_size": "vocab_size", "block_size": "block_size"},
+}
 
 
 def resolve(options: ModelOptions, data_info: dict[str, int]) -> ModelOptions:
     """The model options with everything the data decides filled in.
 
-    Built-in models get `input_dim` and `output_dim` from the data when the config omits them;
-    the resolved options are saved with the run, so an exported model rebuilds without the data.
+    Built-in models get their sizes from the data when the config omits them (mlp: input_dim,
+    output_dim; char_transformer: vocab_size, block_size); the resolved options are saved with
+    the run, so an exported model rebuilds without the data.
+
+    Raises:
+        ConfigError: a size given in the config is smaller than the data needs, or the data
+            lacks what the model needs (e.g. mlp without feature_columns).
     """
     kwargs = dict(options.kwargs)
-    if options.name in BUILTIN:
-        kwargs.setdefault("input_dim", data_info["input_dim"])
-        kwargs.setdefault("output_dim", data_info.get("num_classes", 1))
+    for argument, key in _FROM_DATA.get(options.name, {}).items():
+        needed, given = data_info.get(key, 1 if key == "num_classes" else None), kwargs.get(argument)  # regression: 1 output
+        if needed is None and given is None:
+            raise ConfigError(f"model_options: {options.name} takes {argument} from the data's {key}, which this data "
+                              f"does not give ({data_info}); set model_options.kwargs.{argument}.")
+        # Wider outputs and longer blocks than the data needs are fine; a different input width is not.
+        if needed is not None and given is not None and (given != needed if key == "input_dim" else given < needed):
+            raise ConfigError(f"model_options.kwargs.{argument} is {given} but the data has {key} {needed}; "
+                              f"{'set it to' if key == 'input_dim' else 'raise it to at least'} {needed}, or leave it out "
+                              "to take it from the data.")
+        kwargs.setdefault(argument, needed)
     return ModelOptions(name=options.name, kwargs=kwargs)
 
 
