@@ -180,6 +180,16 @@ def test_column_that_cannot_be_batched_is_named(column, message):
         data.ColumnarBatches(table_dataset({"x": column, "label": pa.array([0, 1, 0])}), ["x"], "label", torch.long)
 
 
+def test_non_finite_values_are_found_chunk_by_chunk_with_their_row(tmp_path):
+    rows = [[float(i), 1.0] for i in range(1000)]
+    rows[523][1], rows[871][0] = float("nan"), float("inf")
+    dataset = file_backed(tmp_path, {"x": rows, "label": [0] * 1000})
+    assert dataset.data.table.column("x").num_chunks == 10
+    with pytest.raises(data.DataError, match=r"feature_columns: column 'x' .* has 2 NaN, infinite or missing value\(s\), "
+                                             r"the first in row 523"):
+        data.load_splits(DatasetOptions(feature_columns=["x"], validation_split=0.0), seed=0, train_dataset=dataset)
+
+
 def test_stacked_feature_columns_must_share_a_shape():
     dataset = table_dataset({"x": pa.array([1.0, 2.0]), "v": pa.array([[1.0, 2.0], [3.0, 4.0]]), "label": pa.array([0, 1])})
     with pytest.raises(data.DataError, match=r"feature_columns: the columns have different row shapes"):

@@ -126,22 +126,32 @@ def _check_columns(dataset, options: DatasetOptions, split: str, source: str) ->
 
 def _check_finite(column: pa.ChunkedArray, key: str, name: str, split: str, source: str) -> None:
     """NaN, inf or missing values in a numeric column: an error before training, not a NaN loss later."""
-    rows = len(column)
-    values = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
-    while pa.types.is_list(values.type) or pa.types.is_large_list(values.type) or pa.types.is_fixed_size_list(values.type):
-        if values.null_count:
-            break
-        values = pc.list_flatten(values)
-    if not (pa.types.is_floating(values.type) or pa.types.is_integer(values.type)):
-        return
-    bad = pc.invert(pc.fill_null(pc.is_finite(values), False)) if pa.types.is_floating(values.type) else pc.is_null(values)
-    count = pc.sum(bad).as_py() or 0
+    count, first, offset = 0, None, 0
+    for chunk in column.chunks:  # chunk by chunk: a memory-mapped column is never copied whole
+        bad, width = _not_finite(chunk)
+        found = 0 if bad is None else pc.sum(bad).as_py() or 0
+        if found and first is None:
+            first = offset + pc.index(bad, True).as_py() // width
+        count, offset = count + found, offset + len(chunk)
     if count:
-        first = pc.index(bad, True).as_py() // max(len(values) // max(rows, 1), 1)
         raise DataError(
             f"{key}: column {name!r} of the {split} data from {source} has {count} NaN, infinite or missing "
             f"value(s), the first in row {first}; clean or impute them before training."
         )
+
+
+def _not_finite(values: pa.Array) -> tuple[pa.Array | None, int]:
+    """A mask of the chunk's NaN, infinite or missing numbers (lists flattened) and the values per row;
+    None for non-numeric data and for missing lists, which the loader names itself."""
+    rows = len(values)
+    while pa.types.is_list(values.type) or pa.types.is_large_list(values.type) or pa.types.is_fixed_size_list(values.type):
+        if values.null_count:
+            return None, 1
+        values = pc.list_flatten(values)
+    if not (pa.types.is_floating(values.type) or pa.types.is_integer(values.type)):
+        return None, 1
+    bad = pc.invert(pc.fill_null(pc.is_finite(values), False)) if pa.types.is_floating(values.type) else pc.is_null(values)
+    return bad, max(len(values) // max(rows, 1), 1)
 
 
 def _whole_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
