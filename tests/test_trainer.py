@@ -152,6 +152,7 @@ def test_fresh_run_never_deletes_existing_checkpoints(tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)
     config["experiment_options"]["overwrite"] = True
     assert AcceleratedTrainer(None, config).train().steps == 23
+    assert sum("val_loss" in row for row in metric_rows(tmp_path / "digits-mlp")) == 1, "the old curve is gone"
 
 
 def test_bf16_mixed_precision_on_cpu(tmp_path):

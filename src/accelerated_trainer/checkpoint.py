@@ -298,11 +298,12 @@ class Checkpointer:
         self.last = state["last"] and Entry(**state["last"])
 
     def clear(self) -> None:
-        """Remove the checkpoints of an earlier run (only when the config says overwrite)."""
+        """Remove the checkpoints and metrics of an earlier run (only when the config says overwrite)."""
         if self.accelerator.is_main_process:
             for name in ("last", "previous", "best", "top"):
                 storage.remove(self.run_dir / name)
             (self.run_dir / INDEX).unlink(missing_ok=True)
+            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run's curve starts empty
         self.accelerator.wait_for_everyone()
 
     def has_checkpoints(self) -> bool:

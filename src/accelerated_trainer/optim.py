@@ -21,10 +21,19 @@ def build_optimizer(options: OptimizerOptions, model: nn.Module) -> torch.optim.
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": options.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
+    kwargs = dict(options.kwargs)
+    # torch's default on CPU is the per-parameter for-loop; the fused kernel measured 0.2 ms faster
+    # per tiny step and ~5 ms per compute-bound step (bench/bench_step.py, variants c and c').
+    if _accepts(cls, "fused") and not {"fused", "foreach"} & kwargs.keys() and all(p.is_floating_point() for p in params):
+        kwargs["fused"] = True
     try:
-        return cls([g for g in groups if g["params"]], lr=options.lr, **options.kwargs)
+        return cls([g for g in groups if g["params"]], lr=options.lr, **kwargs)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"training_options.optimizer: {options.name} rejects its arguments: {err}.") from None
+
+
+def _accepts(cls, name: str) -> bool:
+    return name in inspect.signature(cls.__init__).parameters
 
 
 def build_scheduler(options: SchedulerOptions, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:

@@ -8,6 +8,7 @@ accumulation are accelerate's.
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import time
 from datetime import timedelta
@@ -132,14 +133,14 @@ class AcceleratedTrainer:
             splits = data.load_splits(opts, training.seed, train_dataset, eval_dataset)
         if splits.validation is None and training.early_stopping is not None:
             raise ConfigError("training_options.early_stopping needs validation data: set dataset_options.data_files.validation or validation_split.")
-        label_dtype = torch.long if training.task == "classification" else torch.float32
+        label_dtype = torch.float32 if training.task == "regression" else torch.long
         loader = lambda split, train, size: data.build_loader(  # noqa: E731
             split, opts, label_dtype=label_dtype, batch_size=size, seed=training.seed, train=train,
             num_processes=self.accelerator.num_processes, collate_fn=collate_fn)
         self.train_loader = loader(splits.train, True, opts.batch_size)
         self.train_sampler = self.train_loader.sampler  # the same object inside the prepared loader
         self.eval_loader = splits.validation and loader(splits.validation, False, opts.eval_batch_size or opts.batch_size)
-        self.data_info = data.describe(splits.train, opts, training.task)
+        self.data_info = data.describe(splits.train, opts, training.task, validation=splits.validation)
         self.data_fingerprint = splits.train._fingerprint  # datasets' content hash of the training split
 
     def _build_model(self, model: torch.nn.Module | None) -> None:
@@ -184,7 +185,7 @@ class AcceleratedTrainer:
         self.state = TrainingState(num_processes=self.accelerator.num_processes)
         self.preempted = False
         self._step_skipped = False
-        self._nonfinite_losses = torch.zeros((), dtype=torch.int64, device=self.accelerator.device)
+        self._stop_on_nonfinite = self.config.training_options.nonfinite_loss == "stop"
         self.last_metrics: dict[str, float] = {}
 
     # ------------------------------------------------------------ the run
@@ -240,7 +241,9 @@ class AcceleratedTrainer:
         self._reset_log_window()
         for batch in self.train_loader:
             loss = self._training_step(batch)
-            self._loss_sum += loss.detach()
+            # A NaN/inf loss makes the window's sum non-finite: the stop policy checks it whenever it
+            # syncs anyway (log, eval, save). The skip policy keeps skipped losses out of the mean.
+            self._loss_sum += loss.detach() if self._stop_on_nonfinite else torch.nan_to_num(loss.detach(), 0.0, 0.0, 0.0)
             self._micro_batches += 1
             self._samples += batch["labels"].shape[0]
             self._tokens += _token_count(batch)
@@ -278,8 +281,6 @@ class AcceleratedTrainer:
                 self._optimizer_step()
             if syncing:
                 self._zero_grad(set_to_none=True)
-        # Counted on device: the stop policy looks at it only when it syncs anyway (log, eval, save).
-        self._nonfinite_losses += ~torch.isfinite(loss.detach())
         # Counted in full batches: every micro-batch but an epoch's last is full, and the epoch end resets it.
         self.state.samples_in_epoch += self._samples_per_micro_batch
         return loss
@@ -404,7 +405,7 @@ class AcceleratedTrainer:
         """Stop policy for a NaN/inf loss: raise before a diverged model is evaluated or saved."""
         if self.config.training_options.nonfinite_loss != "stop":
             return
-        if self.accelerator.reduce(self._nonfinite_losses, reduction="sum").item() == 0:
+        if math.isfinite(self.accelerator.reduce(self._loss_sum, reduction="sum").item()):
             return
         last = self.checkpointer.last
         kept = f"{self.run_dir / 'last'} (step {last.step}) keeps the last good state" if last else "no checkpoint was written yet"
