@@ -1,6 +1,7 @@
 """Tracking: which trackers start, and what metrics.jsonl, TensorBoard and an offline W&B run hold."""
 
 import json
+import time
 import struct
 import zlib
 
@@ -155,6 +156,9 @@ def tracked_runs(tmp_path_factory):
         run_dir = first.run_dir
         first_rows = metric_rows(run_dir)
         first_run_id = json.loads((run_dir / "last" / "state.json").read_text())["run_id"]
+        # wandb names an offline run's directory offline-run-{second}-{id}: a resume that starts in
+        # the same second as the first run would write into the first run's directory.
+        time.sleep(1.1)
         resumed = AcceleratedTrainer(None, digits_config(root, training_options={"n_epochs": 3},
                                                          experiment_options={**experiment, "resume": True})).train()
         # run.finish() can return before wandb-core has flushed the log to disk; teardown waits for it.
