@@ -5,9 +5,10 @@ then finishes its optimizer step, writes a complete `last` checkpoint and return
 marked `preempted` (the CLI exits with 99), and the next launch resumes from it.
 
 Processes may see the signal at different steps, so the decision is agreed: each step every
-process contributes its flag to a MAX all-reduce. The reduction issued at step k is read at
-step k+1, so the host never waits on the step it just queued; every process reads the same
-value at the same step, which is what keeps their collectives in lockstep.
+process contributes its flag to a MAX all-reduce. On GPUs the reduction issued at step k is
+read at step k+1, so the host never waits on the step it just queued; on CPU (gloo) it is read
+at once. Every process reads the same value at the same step, which is what keeps their
+collectives in lockstep.
 """
 
 from __future__ import annotations
@@ -59,11 +60,17 @@ class StopRequest:
         import torch.distributed as dist
 
         flag = torch.tensor([self._code()], dtype=torch.float32, device=self.accelerator.device)
-        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True)
-        agreed, self._pending = self._pending, (work, flag)
-        if agreed is None:
-            return None
-        agreed[0].wait()
+        if dist.get_backend() == "gloo":
+            # CPU processes: a blocking reduction costs microseconds, and no asynchronous gloo work
+            # is left in flight beside the other collectives of the step.
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            agreed = (None, flag)
+        else:
+            work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True)
+            agreed, self._pending = self._pending, (work, flag)
+            if agreed is None:
+                return None
+            agreed[0].wait()
         code = int(agreed[1].item())
         if code == 0:
             return None
