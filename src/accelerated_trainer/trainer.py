@@ -244,10 +244,11 @@ class AcceleratedTrainer:
             # A NaN/inf loss makes the window's sum non-finite: the stop policy checks it whenever it
             # syncs anyway (log, eval, save). The skip policy keeps skipped losses out of the mean.
             self._loss_sum += loss.detach() if self._stop_on_nonfinite else torch.nan_to_num(loss.detach(), 0.0, 0.0, 0.0)
+            rows = batch["labels"].shape[0]
             self._micro_batches += 1
-            self._samples += batch["labels"].shape[0]
+            self._samples += rows
             self._tokens += _token_count(batch)
-            self.state.samples_seen += batch["labels"].shape[0] * self.accelerator.num_processes
+            self.state.samples_seen += rows * self.accelerator.num_processes
             if self.accelerator.sync_gradients and (reason := self._after_optimizer_step()):
                 return reason
         # The epoch is done: validate (if not already on a step cadence), then save the full state.
@@ -261,25 +262,23 @@ class AcceleratedTrainer:
         return reason
 
     def _training_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        training = self.config.training_options
-        skip_nonfinite = training.nonfinite_loss == "skip"
+        max_grad_norm = self.config.training_options.max_grad_norm
+        skip_nonfinite = not self._stop_on_nonfinite
         with self.accelerator.accumulate(self.model):
             sample_losses, _ = self._forward(batch)
             loss = sample_losses.mean()
             self.accelerator.backward(loss)
-            syncing = self.accelerator.sync_gradients
-            if syncing and (training.max_grad_norm or skip_nonfinite or self._logs_after_this_step()):
-                # Without clipping the norm is still measured, but only on the steps that need it.
-                limit = training.max_grad_norm or float("inf")
-                self._grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), limit)
-            # The skip policy's host sync: the norm of the all-reduced gradients is the same on
-            # every process, so they all skip the same steps.
-            if syncing and skip_nonfinite and not torch.isfinite(self._grad_norm).item():
-                self.state.skipped_steps += 1
-                self._step_skipped = True
-            elif syncing:
-                self._optimizer_step()
-            if syncing:
+            if self.accelerator.sync_gradients:
+                if max_grad_norm or skip_nonfinite or self._logs_after_this_step():
+                    # Without clipping the norm is still measured, but only on the steps that need it.
+                    self._grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_grad_norm or float("inf"))
+                # The skip policy's host sync: the norm of the all-reduced gradients is the same on
+                # every process, so they all skip the same steps.
+                if skip_nonfinite and not torch.isfinite(self._grad_norm).item():
+                    self.state.skipped_steps += 1
+                    self._step_skipped = True
+                else:
+                    self._optimizer_step()
                 self._zero_grad(set_to_none=True)
         # Counted in full batches: every micro-batch but an epoch's last is full, and the epoch end resets it.
         self.state.samples_in_epoch += self._samples_per_micro_batch
@@ -403,7 +402,7 @@ class AcceleratedTrainer:
 
     def _check_finite(self) -> None:
         """Stop policy for a NaN/inf loss: raise before a diverged model is evaluated or saved."""
-        if self.config.training_options.nonfinite_loss != "stop":
+        if not self._stop_on_nonfinite:
             return
         if math.isfinite(self.accelerator.reduce(self._loss_sum, reduction="sum").item()):
             return
