@@ -258,6 +258,33 @@ def test_resume_mid_epoch_serves_the_same_next_batch(digits, vectorization):
     assert all(batches_equal(a, b) for a, b in zip(rest, uninterrupted[7:]))
 
 
+@pytest.mark.parametrize("drop_last", [False, True])
+@pytest.mark.parametrize("start", [0, 7 * 32, 1000])
+def test_in_process_loader_serves_the_dataloaders_batches(digits, drop_last, start):
+    """The single-process fast path: the same batches as the DataLoader, from any resume position."""
+    def loader(device):
+        built = data.build_loader(digits.train, digits_options(drop_last=drop_last), label_dtype=torch.long,
+                                  batch_size=32, seed=9, train=True, in_process_device=device)
+        built.sampler.set_epoch(3)
+        built.sampler.start = start
+        return built
+
+    reference, fast = loader(None), loader(torch.device("cpu"))
+    assert isinstance(fast, data.InProcessLoader) and isinstance(reference, torch.utils.data.DataLoader)
+    expected = all_batches(reference)
+    served = all_batches(fast)
+    assert len(fast) == len(reference) == len(expected) == len(served) > 0
+    assert all(batches_equal(a, b) for a, b in zip(served, expected))
+    assert all(len(batch["labels"]) == 32 for batch in served) or not drop_last
+
+
+@pytest.mark.parametrize("options", [{"vectorization": False}, {"num_workers": 1}])
+def test_in_process_loader_only_for_the_vectorized_path_without_workers(digits, options):
+    built = data.build_loader(digits.train, digits_options(**options), label_dtype=torch.long, batch_size=32, seed=9,
+                              train=True, in_process_device=torch.device("cpu"))
+    assert isinstance(built, torch.utils.data.DataLoader)
+
+
 @pytest.mark.parametrize("rows, drop_last, served_rows", [(400, False, 400), (437, False, 440), (437, True, 420)])
 def test_two_processes_share_every_row_of_an_epoch(rows, drop_last, served_rows):
     dataset = datasets.Dataset.from_dict({"id": list(range(rows)), "label": [0] * rows})
@@ -272,7 +299,7 @@ def test_two_processes_share_every_row_of_an_epoch(rows, drop_last, served_rows)
         served += [i for batch in batches for i in batch]
 
     # Whole rounds of 2 x 10 rows: the epoch is padded with its own first rows, or cut with drop_last.
-    order = loader.sampler.permutation()
+    order = loader.sampler.permutation().tolist()
     assert len(served) == served_rows and sorted(served) == sorted(order)
     if served_rows >= rows:
         assert set(served) == set(range(rows)), "every row at least once"

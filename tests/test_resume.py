@@ -99,7 +99,7 @@ def test_resharding_mid_epoch_neither_repeats_nor_skips(processes_before, proces
 
     sampler = EpochSampler(1000, seed=3, shuffle=True)
     sampler.set_epoch(2)
-    permutation = sampler.permutation()
+    permutation = sampler.permutation().tolist()
     consumed = batches_done * 32 * processes_before
     sampler.start = consumed
     served = []

@@ -192,6 +192,36 @@ def test_gradient_accumulation_and_max_steps(tmp_path):
     assert all("grad_norm" in r for r in rows if "train_loss" in r)
 
 
+def test_single_process_fast_path_trains_exactly_like_the_prepared_dataloader(tmp_path):
+    """One process, one micro-batch per step: batches come from the InProcessLoader, the step skips
+    accelerate's accumulate/backward wrappers; the weights are those of the DataLoader path."""
+    from accelerated_trainer.data import InProcessLoader
+
+    def train(title: str, **dataset_options):
+        config = digits_config(tmp_path, dataset_options=dataset_options, training_options={"n_epochs": 1},
+                               experiment_options={"title": title})
+        trainer = AcceleratedTrainer(None, config)
+        result = trainer.train()
+        return trainer, load_file(result.run_dir / "last" / "model.safetensors")
+
+    fast, fast_weights = train("fast")
+    prepared, prepared_weights = train("prepared", num_workers=1)  # workers: torch's DataLoader, prepared by accelerate
+    assert isinstance(fast.train_loader, InProcessLoader)
+    assert not isinstance(prepared.train_loader, InProcessLoader)
+    assert fast.state.step == prepared.state.step == 23
+    assert fast_weights.keys() == prepared_weights.keys()
+    assert all(torch.equal(fast_weights[k], prepared_weights[k]) for k in fast_weights)
+
+
+def test_gradient_accumulation_steps_on_an_epochs_last_odd_batch(tmp_path):
+    # 23 batches at 2 per step: accelerate's prepared loader marks the last one, which steps alone.
+    config = digits_config(tmp_path, training_options={"gradient_accumulation_steps": 2, "n_epochs": 2})
+    trainer = AcceleratedTrainer(None, config)
+    result = trainer.train()
+    assert result.steps == 24
+    assert all(p.grad is None for p in trainer.model.parameters()), "no gradient left over into the next epoch"
+
+
 def test_regression_on_stacked_scalar_columns(tmp_path):
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2000, 4, generator=generator)

@@ -125,6 +125,15 @@ class AcceleratedTrainer:
                 f"accelerate launch --multi_gpu --num_processes {launched} train.py --config CFG."
             )
         set_seed(opts.seed)
+        # accelerate's optimizer wrapper costs ~0.25 ms per step on CPU (two importlib look-ups for LOMO
+        # and an inspect.signature; bench/profile_step.py). Its work is needed only with a grad scaler
+        # (fp16), XLA or DeepSpeed; otherwise the trainer checks sync_gradients itself and calls the
+        # optimizer directly.
+        self._plain_optimizer = getattr(self.accelerator, "scaler", None) is None and self.accelerator.distributed_type not in (
+            DistributedType.XLA, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
+        # With one micro-batch per step the `accumulate` context and backward's division of the loss
+        # by 1 do nothing but cost time; so does the prepared DataLoader for a single process.
+        self._plain_step = self._plain_optimizer and opts.gradient_accumulation_steps == 1
 
     def _build_data(self, train_dataset, eval_dataset, collate_fn) -> None:
         opts = self.config.dataset_options
@@ -134,12 +143,14 @@ class AcceleratedTrainer:
         if splits.validation is None and training.early_stopping is not None:
             raise ConfigError("training_options.early_stopping needs validation data: set dataset_options.data_files.validation or validation_split.")
         label_dtype = torch.float32 if training.task == "regression" else torch.long
-        loader = lambda split, train, size: data.build_loader(  # noqa: E731
-            split, opts, label_dtype=label_dtype, batch_size=size, seed=training.seed, train=train,
-            num_processes=self.accelerator.num_processes, collate_fn=collate_fn)
-        self.train_loader = loader(splits.train, True, opts.batch_size)
+        self.train_loader = data.build_loader(
+            splits.train, opts, label_dtype=label_dtype, batch_size=opts.batch_size, seed=training.seed, train=True,
+            num_processes=self.accelerator.num_processes, collate_fn=collate_fn,
+            in_process_device=self.accelerator.device if self._plain_step else None)
         self.train_sampler = self.train_loader.sampler  # the same object inside the prepared loader
-        self.eval_loader = splits.validation and loader(splits.validation, False, opts.eval_batch_size or opts.batch_size)
+        self.eval_loader = splits.validation and data.build_loader(
+            splits.validation, opts, label_dtype=label_dtype, batch_size=opts.eval_batch_size or opts.batch_size,
+            seed=training.seed, train=False, num_processes=self.accelerator.num_processes, collate_fn=collate_fn)
         self.data_info = data.describe(splits.train, opts, training.task, validation=splits.validation)
         self.data_fingerprint = splits.train._fingerprint  # datasets' content hash of the training split
 
@@ -157,20 +168,17 @@ class AcceleratedTrainer:
         self._pass_labels = "labels" in inspect.signature(model.forward).parameters
         self.loss_fn = build_loss(training.loss_function, training.task)
         optimizer = build_optimizer(training.optimizer, model)
-        self.model, self.optimizer, self.train_loader = self.accelerator.prepare(model, optimizer, self.train_loader)
+        if isinstance(self.train_loader, data.InProcessLoader):
+            self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        else:
+            self.model, self.optimizer, self.train_loader = self.accelerator.prepare(model, optimizer, self.train_loader)
         if self.eval_loader is not None:
             self.eval_loader = self.accelerator.prepare(self.eval_loader)
         self.steps_per_epoch = -(-len(self.train_loader) // training.gradient_accumulation_steps)
         self._samples_per_micro_batch = self.config.dataset_options.batch_size * self.accelerator.num_processes
         total = self.steps_per_epoch * training.n_epochs
         self.total_steps = min(total, training.max_steps) if training.max_steps else total
-        # accelerate's optimizer wrapper costs ~0.25 ms per step on CPU (two importlib look-ups for LOMO
-        # and an inspect.signature; bench/profile_step.py). Its work is needed only with a grad scaler
-        # (fp16), XLA or DeepSpeed; otherwise the trainer checks sync_gradients itself and calls the
-        # optimizer directly.
-        plain = getattr(self.accelerator, "scaler", None) is None and self.accelerator.distributed_type not in (
-            DistributedType.XLA, DistributedType.DEEPSPEED)
-        stepped = self.optimizer.optimizer if plain else self.optimizer
+        stepped = self.optimizer.optimizer if self._plain_optimizer else self.optimizer
         # Stepped by hand once per optimizer step: accelerate's wrapper would step it once per process.
         # Built on the optimizer that is stepped: the schedule hooks that optimizer's step().
         self.scheduler = build_scheduler(training.scheduler, stepped, self.total_steps)
@@ -262,30 +270,45 @@ class AcceleratedTrainer:
         return reason
 
     def _training_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        max_grad_norm = self.config.training_options.max_grad_norm
-        skip_nonfinite = not self._stop_on_nonfinite
-        with self.accelerator.accumulate(self.model):
-            sample_losses, _ = self._forward(batch)
-            loss = sample_losses.mean()
-            self.accelerator.backward(loss)
-            if self.accelerator.sync_gradients:
-                if max_grad_norm or skip_nonfinite or self._logs_after_this_step():
-                    # Without clipping the norm is still measured, but only on the steps that need it.
-                    self._grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_grad_norm or float("inf"))
-                # The skip policy's host sync: the norm of the all-reduced gradients is the same on
-                # every process, so they all skip the same steps.
-                if skip_nonfinite and not torch.isfinite(self._grad_norm).item():
-                    self.state.skipped_steps += 1
-                    self._step_skipped = True
-                else:
-                    self._optimizer_step()
-                self._zero_grad(set_to_none=True)
+        if self._plain_step:
+            loss = self._training_loss(batch)
+            loss.backward()
+            self._optimizer_update()
+        else:
+            with self.accelerator.accumulate(self.model):
+                loss = self._training_loss(batch)
+                self.accelerator.backward(loss)
+                if self.accelerator.sync_gradients:
+                    self._optimizer_update()
         # Counted in full batches: every micro-batch but an epoch's last is full, and the epoch end resets it.
         self.state.samples_in_epoch += self._samples_per_micro_batch
         return loss
 
-    def _forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _optimizer_update(self) -> None:
+        max_grad_norm = self.config.training_options.max_grad_norm
+        skip_nonfinite = not self._stop_on_nonfinite
+        if max_grad_norm or skip_nonfinite or self._logs_after_this_step():
+            # Without clipping the norm is still measured, but only on the steps that need it.
+            self._grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_grad_norm or float("inf"))
+        # The skip policy's host sync: the norm of the all-reduced gradients is the same on
+        # every process, so they all skip the same steps.
+        if skip_nonfinite and not torch.isfinite(self._grad_norm).item():
+            self.state.skipped_steps += 1
+            self._step_skipped = True
+        else:
+            self._optimizer_step()
+        self._zero_grad(set_to_none=True)
+
+    def _training_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The batch's mean loss: the mean of the per-sample losses, taken in one reduction."""
+        losses, _ = self._forward(batch, per_sample_losses=False)
+        return losses.mean()
+
+    def _forward(self, batch: dict[str, torch.Tensor], per_sample_losses: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-sample losses and the model's predictions (None when it only returns a loss).
+
+        With `per_sample_losses` false the losses come as the loss function returns them
+        (elementwise, or the model's own mean): their mean is the same batch loss, with fewer ops.
 
         `features` is the model's first argument; any other input column (input_ids,
         attention_mask, ...) is a keyword argument; `labels` too when the forward accepts it.
@@ -308,7 +331,7 @@ class AcceleratedTrainer:
             ) from err
         model_loss, predictions = _unpack_output(output)
         if model_loss is not None:
-            return per_sample(model_loss, labels.shape[0]), predictions
+            return (per_sample(model_loss, labels.shape[0]) if per_sample_losses else model_loss), predictions
         if self.config.training_options.task == "regression" and predictions.numel() == labels.numel():
             predictions = predictions.reshape(labels.shape)  # (B, 1) outputs against (B,) targets
         try:
@@ -331,14 +354,14 @@ class AcceleratedTrainer:
                 f"with labels of shape {tuple(labels.shape)} (batch: {_shapes(batch)}): {err}. "
                 f"{EXPECTED_OUTPUT.get(self.config.training_options.task, EXPECTED_OUTPUT['classification'])}"
             ) from err
-        return per_sample(losses, labels.shape[0]), predictions
+        return (per_sample(losses, labels.shape[0]) if per_sample_losses else losses), predictions
 
     def _logs_after_this_step(self) -> bool:
         return (self.state.step + 1) % self.config.training_options.log_every_n_steps == 0
 
     def _after_optimizer_step(self) -> str | None:
         training = self.config.training_options
-        if not (self.accelerator.optimizer_step_was_skipped or self._step_skipped):
+        if not (self._step_skipped or (not self._plain_optimizer and self.accelerator.optimizer_step_was_skipped)):
             self.scheduler.step()  # fp16 overflow and skipped non-finite steps leave the schedule alone
         self._step_skipped = False
         self.state.step += 1

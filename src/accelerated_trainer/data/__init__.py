@@ -2,7 +2,8 @@
 
     load_splits   files or in-memory data (sources.py) -> transforms (batched datasets.map, cached)
                   -> text tokenized and packed into blocks (text.py) -> seeded hold-out -> checked splits
-    build_loader  a DataLoader over whole batches (batches.py) in the order of EpochSampler (sampling.py)
+    build_loader  a DataLoader over whole batches (batches.py) in the order of EpochSampler (sampling.py),
+                  or for one process without workers an InProcessLoader (in_process.py)
     describe      the sizes built-in models take from the data
 
 The vectorized path never builds per-row dicts: the batch sampler yields index lists and each
@@ -24,11 +25,12 @@ from torch.utils.data import DataLoader
 
 from ..config import ConfigError, DatasetOptions
 from .batches import DTYPES, ColumnarBatches, RowByRow, _stacked_shape
+from .in_process import InProcessLoader
 from .sampling import EpochSampler
 from .sources import FORMATS, DataError, as_dataset, describe_files, load_file_split
 from .text import tokenize_and_pack
 
-__all__ = ["FORMATS", "ColumnarBatches", "DataError", "EpochSampler", "RowByRow", "Splits", "build_loader", "describe", "load_splits"]
+__all__ = ["FORMATS", "ColumnarBatches", "DataError", "EpochSampler", "InProcessLoader", "RowByRow", "Splits", "build_loader", "describe", "load_splits"]
 
 IGNORE_INDEX = -100  # torch's CrossEntropyLoss and HF models skip targets of this value
 
@@ -169,11 +171,14 @@ def build_loader(
     train: bool,
     num_processes: int = 1,
     collate_fn: Callable | None = None,
-) -> DataLoader:
+    in_process_device: torch.device | None = None,
+) -> DataLoader | InProcessLoader:
     """A DataLoader over `dataset` ready for `accelerator.prepare`.
 
     Training batches come in whole rounds over the processes (see EpochSampler); validation
     keeps every row once and leaves the padding to accelerate, whose gather_for_metrics drops it.
+    With `in_process_device`, one process and the vectorized path without workers, the same
+    batches come from an InProcessLoader instead, placed on that device and never prepared.
 
     Raises:
         ConfigError: a collate_fn with vectorization, or a dtypes key that is no batch key.
@@ -191,13 +196,17 @@ def build_loader(
     rows_class = ColumnarBatches if options.vectorization else RowByRow
     rows = rows_class(dataset, options.feature_columns, options.label_column, label_dtype,
                       input_columns=options.input_columns, dtypes=dtypes, preload_max_bytes=options.preload_max_mb << 20)
+    sampler = EpochSampler(len(rows), seed, shuffle=train and options.shuffle,
+                           round_size=batch_size * num_processes if train and num_processes > 1 else 1,
+                           drop_last=train and options.drop_last)
+    drop_last = train and options.drop_last and num_processes == 1
+    if in_process_device is not None and num_processes == 1 and options.vectorization and options.num_workers == 0:
+        return InProcessLoader(rows, sampler, batch_size, drop_last, in_process_device)
     return DataLoader(
         rows,
         batch_size=batch_size,
-        sampler=EpochSampler(len(rows), seed, shuffle=train and options.shuffle,
-                             round_size=batch_size * num_processes if train and num_processes > 1 else 1,
-                             drop_last=train and options.drop_last),
-        drop_last=train and options.drop_last and num_processes == 1,
+        sampler=sampler,
+        drop_last=drop_last,
         collate_fn=_whole_batch if options.vectorization else collate_fn,
         num_workers=options.num_workers,
         # Its own generator: creating an iterator then draws no number from the global RNG,

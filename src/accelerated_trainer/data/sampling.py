@@ -30,22 +30,27 @@ class EpochSampler(Sampler[int]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def permutation(self) -> list[int]:
+    def permutation(self) -> torch.Tensor:
+        """The whole epoch's row order (int64), padded or cut to whole rounds."""
         if not self.shuffle:
-            order = list(range(self.num_rows))
+            order = torch.arange(self.num_rows)
         else:
             # SeedSequence mixes (seed, epoch): seed 43 epoch 0 is not seed 42 epoch 1.
             mixed = int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1, dtype=np.uint64)[0])
-            order = torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(mixed)).tolist()
+            order = torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(mixed))
         length = self.epoch_length()
-        return order[:length] if length <= len(order) else (order * -(-length // len(order)))[:length]
+        return order[:length] if length <= len(order) else order.repeat(-(-length // len(order)))[:length]
+
+    def remaining(self) -> torch.Tensor:
+        """The rows of this epoch not yet consumed, in order (a view of the permutation)."""
+        return self.permutation()[self.start:]
 
     def epoch_length(self) -> int:
         rounds = self.num_rows // self.round_size if self.drop_last else -(-self.num_rows // self.round_size)
         return self.num_rows if self.round_size == 1 and not self.drop_last else rounds * self.round_size
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.permutation()[self.start:])
+        return iter(self.remaining().tolist())
 
     def __len__(self) -> int:
         return self.epoch_length() - self.start

@@ -1,0 +1,52 @@
+"""Whole batches sliced straight from the sampler's order, for one process reading in its own thread.
+
+torch's DataLoader and accelerate's DataLoaderShard add work to every batch that buys nothing
+when one process reads its own data without workers: a fetcher, a profiler range, a Python
+list of indices, a look-ahead batch and the gradient-state bookkeeping. On a small model that
+is about a tenth of the step (bench/bench_step.py, bench/profile_step.py). This loader serves
+the same batches (the sampler's order cut into batch_size slices, one gather per batch key)
+without them. With several processes, workers, or the per-row path the trainer uses a
+DataLoader prepared by accelerate instead, which shards and places the batches.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from .batches import ColumnarBatches
+from .sampling import EpochSampler
+
+
+class InProcessLoader:
+    """An iterable of batches with the DataLoader interface the trainer uses.
+
+    Args:
+        rows: the columnar data.
+        sampler: the row order; its `start` skips rows already consumed (mid-epoch resume).
+        batch_size / drop_last: as for a DataLoader.
+        device: where batches go; CPU batches are served as gathered.
+    """
+
+    def __init__(self, rows: ColumnarBatches, sampler: EpochSampler, batch_size: int, drop_last: bool, device: torch.device):
+        self.dataset, self.sampler = rows, sampler
+        self.batch_size, self.drop_last = batch_size, drop_last
+        self.device = torch.device(device)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        rows = len(self.sampler)
+        return rows // self.batch_size if self.drop_last else -(-rows // self.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        order = self.sampler.remaining()
+        end = len(self) * self.batch_size if self.drop_last else len(order)
+        to_device = self.device.type != "cpu"
+        for begin in range(0, end, self.batch_size):
+            batch = self.dataset.take(order[begin:begin + self.batch_size])
+            if to_device:
+                batch = {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
+            yield batch
