@@ -1,0 +1,43 @@
+"""The run configuration; the models and load_config live in config.loading for now."""
+
+from .loading import (
+    MAXIMIZED_METRICS,
+    TASK_METRICS,
+    TORCH_DTYPES,
+    ConfigError,
+    DatasetOptions,
+    EarlyStoppingOptions,
+    ExperimentOptions,
+    LossOptions,
+    ModelOptions,
+    OptimizerOptions,
+    SchedulerOptions,
+    TextOptions,
+    TrainerConfig,
+    TrainingOptions,
+    TransformOptions,
+    WandbOptions,
+    json_schema,
+    load_config,
+)
+
+__all__ = [
+    "MAXIMIZED_METRICS",
+    "TASK_METRICS",
+    "TORCH_DTYPES",
+    "ConfigError",
+    "DatasetOptions",
+    "EarlyStoppingOptions",
+    "ExperimentOptions",
+    "LossOptions",
+    "ModelOptions",
+    "OptimizerOptions",
+    "SchedulerOptions",
+    "TextOptions",
+    "TrainerConfig",
+    "TrainingOptions",
+    "TransformOptions",
+    "WandbOptions",
+    "json_schema",
+    "load_config",
+]
