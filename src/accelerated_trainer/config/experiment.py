@@ -48,6 +48,10 @@ class ExperimentOptions(_Section):
     on_save_error: Literal["stop", "continue"] = "stop"
     """A checkpoint write that fails (disk full, permission denied): stop with the error, or warn
     and keep training. Either way the earlier checkpoints and the index stay intact."""
+    async_save: bool = True
+    """Write `last` checkpoints on a background thread: the step that saves waits only for a copy
+    of the state in host memory, not for the disk. The copy needs as much host memory as the model
+    and optimizer state; set false to write on the training thread."""
     distributed_timeout_s: float = Field(600, gt=0)
     """How long a collective may wait for another process before the job fails (a dead or hung rank)."""
 
