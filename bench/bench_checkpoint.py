@@ -7,9 +7,12 @@ Variants, all writing the same tensors (weights, exp_avg, exp_avg_sq) into a fre
   raw           the tensors' bytes into one file, then fsync: what the disk allows
   safetensors   one safetensors file with every tensor (save_file), without and with fsync
   save_state    accelerator.save_state (safetensors weights, pickled optimizer, RNG; no fsync)
-  save_last     this package's Checkpointer.save_last: files, fsync, sha256 manifest, verify
-                (re-reads and hashes), rename into place; from the second save on it also moves
-                the old `last` to `previous` and deletes the one before, as in training
+  save_last     this package's Checkpointer.save_last: files, fsync (overlapped with the sha256
+                of each file for the manifest), rename into place; from the second save on it also
+                moves the old `last` to `previous` and deletes the one before, as in training
+  async-stall   the same with asynchronous=True: only the time the training thread waits (the
+                state copied to host memory); the write then finishes untimed
+  async-total   the same with asynchronous=True, timed until wait() returns: the whole save
 MB/s is the tensor payload (the raw variant's bytes) over the seconds, whatever the format adds.
 Each timed save starts after os.sync(), so no variant pays for another's dirty pages, and
 writes next to its previous output, deleted only afterwards, as save_last's `last` is.
@@ -35,6 +38,8 @@ VARIANTS = {
     "safetensors-fsync": "safetensors save_file, one file, + fsync",
     "save_state": "accelerator.save_state (no fsync)",
     "save_last": "accelerated_trainer Checkpointer.save_last",
+    "async-stall": "save_last(asynchronous=True): the training thread's wait",
+    "async-total": "save_last(asynchronous=True) until on disk (wait())",
 }
 
 
@@ -92,14 +97,20 @@ def save_accelerate(out: Path, ctx) -> None:
     ctx["accelerator"].save_state(str(out / "state"))
 
 
-def save_last(out: Path, ctx) -> None:
-    ctx["checkpointer"].save_last(ctx["model"], ctx["optimizer"], ctx["scheduler"], {"epoch": 0, "step": ctx["step"]})
+def save_last(out: Path, ctx, asynchronous: bool = False, wait: bool = True) -> None:
+    ctx["checkpointer"].save_last(ctx["model"], ctx["optimizer"], ctx["scheduler"], {"epoch": 0, "step": ctx["step"]},
+                                  asynchronous=asynchronous)
     ctx["step"] += 1
+    if wait:
+        ctx["checkpointer"].wait()
 
 
 SAVERS = {"raw": save_raw, "safetensors": save_safetensors,
           "safetensors-fsync": lambda out, ctx: save_safetensors(out, ctx, fsync=True),
-          "save_state": save_accelerate, "save_last": save_last}
+          "save_state": save_accelerate, "save_last": save_last,
+          "async-stall": lambda out, ctx: save_last(out, ctx, asynchronous=True, wait=False),
+          "async-total": lambda out, ctx: save_last(out, ctx, asynchronous=True)}
+LAST = ("save_last", "async-stall", "async-total")  # these write the run's `last`
 
 
 def size_of(path: Path) -> int:
@@ -146,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
                 started = time.perf_counter()
                 SAVERS[name](out, ctx)
                 seconds[name].append(time.perf_counter() - started)
-            sizes[name] = size_of(root / "run" / "last" if name == "save_last" else out)
+                ctx["checkpointer"].wait()  # async-stall: the write goes on untimed, before the next variant
+            sizes[name] = size_of(root / "run" / "last" if name in LAST else out)
             shutil.rmtree(root / name / str(r - 1), ignore_errors=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -332,3 +332,95 @@ def test_tied_weights_save_once_and_load_tied(tmp_path, accelerator):
     assert fresh.head.weight is fresh.emb.weight
     assert_weights_equal(weights_of(fresh), saved)
     assert torch.equal(fresh.head.weight, saved["emb.weight"])
+
+
+# ---------------------------------------------------------------- asynchronous `last`
+
+
+def optimizer_tensors(optimizer):
+    return {f"{i}.{k}": v.clone() for i, state in optimizer.state_dict()["state"].items() for k, v in state.items()}
+
+
+def test_async_save_writes_the_state_as_it_was_when_asked(tmp_path, accelerator, monkeypatch):
+    """Training changes weights and optimizer state in place while the save is in flight."""
+    run_dir = tmp_path / "run"
+    checkpointer = Checkpointer(run_dir, accelerator, monitor="val_loss", mode="min", save_top_k=1)
+    model, optimizer, scheduler = trained()
+    saved_weights, saved_optimizer = weights_of(model), optimizer_tensors(optimizer)
+    may_write = __import__("threading").Event()
+    real_seal = storage.seal
+    monkeypatch.setattr(storage, "seal", lambda directory, hashes=None: (may_write.wait(timeout=30), real_seal(directory, hashes)))
+
+    checkpointer.save_last(model, optimizer, scheduler, {"step": 3, "epoch": 0}, asynchronous=True)
+    assert checkpointer.last.step == 3
+    for _ in range(2):  # two more training steps, in place, as the trainer runs them
+        model(torch.randn(6, 4)).pow(2).mean().backward()
+        checkpointer.before_optimizer_step()  # returns once the state is copied, long before the write ends
+        optimizer.step()
+        optimizer.zero_grad()
+    assert not (run_dir / "last").exists(), "the write is still held at the seal"
+    assert not all(torch.equal(a, b) for a, b in zip(weights_of(model).values(), saved_weights.values()))
+    may_write.set()
+    checkpointer.wait()
+
+    assert storage.verify(run_dir / "last") is None
+    assert_weights_equal(load_file(run_dir / "last" / WEIGHTS), saved_weights)
+    fresh, fresh_optimizer, fresh_scheduler = trained(seed=1, steps=1)
+    checkpointer.load(run_dir / "last", fresh, fresh_optimizer, fresh_scheduler)
+    assert_weights_equal(optimizer_tensors(fresh_optimizer), saved_optimizer)
+    assert read_index(run_dir)["last"]["step"] == 3
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), MemoryError("host copy")])
+def test_async_save_failure_is_reported_by_wait_and_keeps_the_earlier_last(tmp_path, accelerator, monkeypatch, error):
+    run_dir = tmp_path / "run"
+    checkpointer = Checkpointer(run_dir, accelerator, monitor="val_loss", mode="min", save_top_k=1)
+    model, optimizer, scheduler = trained()
+    checkpointer.save_last(model, optimizer, scheduler, {"step": 3, "epoch": 0}, asynchronous=True)
+    checkpointer.wait()
+
+    def fail(directory, hashes=None):
+        raise error
+
+    monkeypatch.setattr(storage, "seal", fail)
+    checkpointer.save_last(model, optimizer, scheduler, {"step": 6, "epoch": 1}, asynchronous=True)
+    with pytest.raises(storage.CheckpointError, match=r"last.*failed") as raised:
+        checkpointer.wait()
+    if not isinstance(error, OSError):
+        assert raised.value.__cause__ is error
+    assert checkpointer.last.step == 3
+    assert state_step(run_dir / "last") == 3 and storage.verify(run_dir / "last") is None
+    assert read_index(run_dir)["last"]["step"] == 3
+    assert not (run_dir / ".last.tmp").exists()
+    checkpointer.wait()  # reported once
+
+
+def test_save_waits_for_the_save_in_flight(tmp_path, accelerator):
+    run_dir = tmp_path / "run"
+    checkpointer = Checkpointer(run_dir, accelerator, monitor="val_loss", mode="min", save_top_k=1)
+    model, optimizer, scheduler = trained()
+    for step in (1, 2, 3):
+        checkpointer.save_last(model, optimizer, scheduler, {"step": step, "epoch": 0}, asynchronous=True)
+    checkpointer.maybe_save_top(model, 0.5, epoch=0, step=3, metrics={"val_loss": 0.5})
+    assert (state_step(run_dir / "last"), state_step(run_dir / "previous")) == (3, 2)
+    index = read_index(run_dir)
+    assert index["last"]["step"] == 3 and index["best"]["step"] == 3 and len(index["top_k"]) == 1
+
+
+def test_async_save_keeps_buffers_as_they_were_when_a_forward_updates_them(tmp_path, accelerator):
+    """BatchNorm's running statistics change in the forward, before the optimizer step waits."""
+    run_dir = tmp_path / "run"
+    checkpointer = Checkpointer(run_dir, accelerator, monitor="val_loss", mode="min", save_top_k=1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    scheduler = LambdaLR(optimizer, lambda step: 1.0)
+    model(torch.randn(16, 4)).pow(2).mean().backward()
+    optimizer.step()
+    saved = weights_of(model)
+
+    checkpointer.save_last(model, optimizer, scheduler, {"step": 1, "epoch": 0}, asynchronous=True)
+    model(torch.randn(16, 4) * 5 + 3)  # running_mean/var and num_batches_tracked move at once
+    assert not torch.equal(model[1].running_mean, saved["1.running_mean"])
+    checkpointer.wait()
+    assert_weights_equal(load_file(run_dir / "last" / WEIGHTS), saved)

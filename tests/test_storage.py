@@ -1,10 +1,12 @@
 """storage.py: pickle-free nested state, and sealed checkpoint directories that verify or say why not."""
 
+import hashlib
 import json
 import math
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch.optim.lr_scheduler import LambdaLR
 
 from accelerated_trainer import storage
@@ -286,3 +288,25 @@ def test_publish_with_keep_previous_after_a_crash_during_cleanup(tmp_path):
     storage.publish(sealed_dir(tmp_path / ".last.tmp", 3), dest, keep_previous=previous)
     assert (step_of(dest), step_of(previous)) == (3, 2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last", "previous"]
+
+
+@pytest.mark.parametrize("dtype", sorted(storage.SAFETENSORS_DTYPES, key=str), ids=str)
+def test_write_tensors_is_read_back_by_safetensors_with_its_hash(tmp_path, dtype):
+    from safetensors import safe_open
+
+    generator = torch.Generator().manual_seed(0)
+    values = torch.randint(0, 100, (3, 5), generator=generator)
+    tensors = {"matrix": values.to(dtype) if dtype not in (torch.float8_e4m3fn, torch.float8_e5m2) else values.float().to(dtype),
+               "scalar": torch.ones((), dtype=dtype), "empty": torch.zeros(0, 4, dtype=dtype),
+               "row of a bigger tensor": torch.zeros(4, 7, dtype=torch.float32)[1].to(dtype)}
+    path = tmp_path / "t.safetensors"
+    digest = storage.write_tensors(path, tensors, metadata={"format": "pt"})
+
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    loaded = load_file(path)
+    assert loaded.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        assert loaded[name].dtype == dtype and loaded[name].shape == tensor.shape
+        assert torch.equal(loaded[name].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)), name
+    with safe_open(path, framework="pt") as handle:
+        assert handle.metadata() == {"format": "pt"}

@@ -213,6 +213,38 @@ def test_single_process_fast_path_trains_exactly_like_the_prepared_dataloader(tm
     assert all(torch.equal(fast_weights[k], prepared_weights[k]) for k in fast_weights)
 
 
+def test_async_save_lets_training_go_on_while_last_is_written(tmp_path, monkeypatch):
+    """The epoch-1 `last` is held at its seal until training is well into epoch 2: possible only
+    when the training thread does not wait for the disk. The result is the synchronous run's."""
+    import threading
+
+    from accelerated_trainer import storage
+
+    later_step, held = threading.Event(), []
+    real_seal = storage.seal
+
+    def seal(directory, hashes=None):
+        if directory.name == ".last.tmp" and not held:
+            held.append(later_step.wait(timeout=60))
+        real_seal(directory, hashes)
+
+    monkeypatch.setattr(storage, "seal", seal)
+    trainer = AcceleratedTrainer(None, digits_config(tmp_path, experiment_options={"title": "async"}))
+    trainer.model.register_forward_pre_hook(lambda module, args: later_step.set() if trainer.state.step >= 30 else None)
+    result = trainer.train()
+    assert held == [True], "the first save waited for a step of the next epoch"
+    assert storage.verify(result.run_dir / "last") is None and storage.verify(result.run_dir / "previous") is None
+
+    monkeypatch.setattr(storage, "seal", real_seal)
+    sync = AcceleratedTrainer(None, digits_config(tmp_path, experiment_options={"title": "sync", "async_save": False})).train()
+    for name in ("last", "previous", "best"):
+        written, expected = (load_file(run.run_dir / name / "model.safetensors") for run in (result, sync))
+        assert all(torch.equal(written[k], expected[k]) for k in expected), name
+    for name in ("last", "previous"):
+        states = [json.loads((run.run_dir / name / "state.json").read_text()) for run in (result, sync)]
+        assert states[0]["step"] == states[1]["step"] and states[0]["scheduler"] == states[1]["scheduler"]
+
+
 def test_gradient_accumulation_steps_on_an_epochs_last_odd_batch(tmp_path):
     # 23 batches at 2 per step: accelerate's prepared loader marks the last one, which steps alone.
     config = digits_config(tmp_path, training_options={"gradient_accumulation_steps": 2, "n_epochs": 2})

@@ -20,14 +20,15 @@ from __future__ import annotations
 import math
 import random
 import shutil
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
 from accelerate.utils import clean_state_dict_for_safetensors
-from safetensors.torch import load_model, save_file
+from safetensors.torch import load_model
 
 from . import storage
 from .early_stopping import is_improvement
@@ -82,16 +83,22 @@ class Checkpointer:
         self.kept: list[Entry] = []
         self.best: Entry | None = None
         self.last: Entry | None = None
+        self._pending: PendingSave | None = None
 
     # ------------------------------------------------------------ saving
 
-    def save_last(self, model, optimizer, scheduler, trainer_state: dict) -> Path:
+    def save_last(self, model, optimizer, scheduler, trainer_state: dict, *, asynchronous: bool = False) -> Path:
         """Write the full resumable state to `last`, keeping the old one as `previous`.
+
+        With `asynchronous`, the state is copied to host memory here and written to disk on a
+        background thread; `wait()` (which the next save calls) reports how it went. Until then
+        the old `last` and `previous` are untouched, so a crash mid-write loses only this save.
 
         Raises:
             CheckpointError: on every process, when any write failed; the earlier checkpoints,
-                the index and the lists are then as they were.
+                the index and the lists are then as they were. Asynchronous: from `wait()`.
         """
+        self.wait()
         dest = self.run_dir / "last"
         model_state = self.accelerator.get_state_dict(model)  # collective under FSDP/DeepSpeed
         tmp = dest.with_name(f".{dest.name}.tmp")
@@ -100,27 +107,85 @@ class Checkpointer:
         previous_last = self.last
         # The state written below already names this checkpoint as `last`.
         self.last = Entry("last", trainer_state["epoch"], trainer_state["step"])
-
-        def write() -> None:
-            self._write_weights(tmp, model_state)
-            storage.save_state(optimizer.state_dict(), tmp, "optimizer")
-            scaler = getattr(self.accelerator, "scaler", None)
-            state = {**trainer_state, "scheduler": scheduler.state_dict(), "checkpoints": self.state_dict()}
-            if scaler is not None:
-                state["scaler"] = scaler.state_dict()
-            storage.write_json(tmp / "state.json", state)
-            # No read-back verify here: right after writing it would hash the page cache, not the
-            # disk (0.2 s per 300 MB for nothing). Resume verifies every file against the manifest.
-            storage.seal(tmp)
-            storage.publish(tmp, dest, keep_previous=self.run_dir / "previous")
-            self._write_index()
-
+        copy = write = None
+        if self.accelerator.is_main_process:
+            copy, write = self._last_writer(tmp, dest, model, model_state, optimizer, scheduler, trainer_state, asynchronous)
+        if asynchronous:
+            self._pending = PendingSave(previous_last, copy, write and (lambda: self._attempt(write, dest, tmp)), dest, tmp)
+            return dest
         try:
             self._on_main(write, dest, cleanup=tmp)
         except CheckpointError:
             self.last = previous_last
             raise
         return dest
+
+    def _last_writer(self, tmp: Path, dest: Path, model, model_state, optimizer, scheduler, trainer_state: dict, asynchronous: bool):
+        """(copy, write): the main process's write of `last`, and for an asynchronous save the copy
+        of the tensors it must make first.
+
+        Everything but the parameters and the optimizer's tensors is taken now: buffers (which a
+        forward may update) are copied, the rest serialized. Those two only change in the optimizer
+        step, so the background thread copies them while the next forward and backward run, and
+        `before_optimizer_step` holds the step until the copy is done.
+        """
+        weights = self._weights_to_write(model_state, to_host=not asynchronous)
+        skeleton, optimizer_tensors = storage.split_tensors(optimizer.state_dict(), to_host=not asynchronous)
+        later = []
+        if asynchronous:
+            parameters = {name for name, _ in self.accelerator.unwrap_model(model).named_parameters()} & weights.keys()
+            for name in weights.keys() - parameters:
+                weights[name] = storage.host_tensor(weights[name], copy=True)
+            later = [(weights, sorted(parameters)), (optimizer_tensors, list(optimizer_tensors))]
+        state = {**trainer_state, "scheduler": scheduler.state_dict(), "checkpoints": self.state_dict()}
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None:
+            state["scaler"] = scaler.state_dict()
+        state_text, index = storage.to_json(state), self._index()
+
+        def copy() -> None:
+            for tensors, names in later:
+                for name in names:
+                    tensors[name] = storage.host_tensor(tensors[name], copy=True)
+
+        def write() -> None:
+            hashes = {WEIGHTS: storage.write_tensors(tmp / WEIGHTS, weights, metadata={"format": "pt"})}
+            hashes |= storage.write_state(skeleton, optimizer_tensors, tmp, "optimizer")
+            (tmp / "state.json").write_text(state_text)
+            # No read-back verify here: right after writing it would hash the page cache, not the
+            # disk (0.2 s per 300 MB for nothing). Resume verifies every file against the manifest.
+            storage.seal(tmp, hashes)
+            storage.publish(tmp, dest, keep_previous=self.run_dir / "previous")
+            storage.atomic_write_json(self.run_dir / INDEX, index)
+
+        return (copy if asynchronous else None), write
+
+    def before_optimizer_step(self) -> None:
+        """Hold the optimizer step until a save in flight has copied what the step changes."""
+        if self._pending is not None:
+            self._pending.copied.wait()
+
+    def wait(self, agree: bool = True) -> None:
+        """Block until the asynchronous save in flight, if any, is on disk.
+
+        Every process calls it at the same point: they all learn whether the save failed.
+        `agree=False` only waits for this process's own write, without talking to the others
+        (for the way out of a failure, where they may not all get here).
+
+        Raises:
+            CheckpointError: on every process, when the save failed; `last` is then the one before.
+        """
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        error = pending.result()
+        if not agree:
+            return
+        try:
+            self._agree(error)
+        except CheckpointError as err:
+            self.last = pending.previous_last
+            raise err from pending.crash
 
     def _on_main(self, action, dest: Path, cleanup: Path | None = None) -> None:
         """Run a write on the main process; every process learns whether it failed."""
@@ -158,6 +223,7 @@ class Checkpointer:
         Returns whether it is the new best. Called on every process with the same gathered value,
         so every process takes the same decision.
         """
+        self.wait()  # the index lists one save at a time
         candidate = Entry(f"top/epoch{epoch:03d}-step{step:07d}", epoch, step, value)
         # A replayed evaluation (after a resume) replaces its own earlier checkpoint.
         others = [entry for entry in self.kept if entry.path != candidate.path]
@@ -190,26 +256,35 @@ class Checkpointer:
 
     def _write_weights_dir(self, dest: Path, model_state: dict, meta: dict) -> None:
         tmp = storage.temporary_dir(dest)
-        self._write_weights(tmp, model_state)
+        hashes = self._write_weights(tmp, model_state)
         storage.write_json(tmp / "meta.json", meta)
-        storage.seal(tmp)
+        storage.seal(tmp, hashes)
         storage.publish(tmp, dest)
 
-    @staticmethod
-    def _write_weights(directory: Path, model_state: dict) -> None:
-        # Tied weights share storage; safetensors stores each storage once and load_model re-ties them.
-        state = clean_state_dict_for_safetensors(dict(model_state))
-        save_file({k: v.detach().cpu() for k, v in state.items()}, str(directory / WEIGHTS), metadata={"format": "pt"})
+    @classmethod
+    def _write_weights(cls, directory: Path, model_state: dict) -> dict[str, str]:
+        """Write model.safetensors; its sha256 by file name, for the seal."""
+        return {WEIGHTS: storage.write_tensors(directory / WEIGHTS, cls._weights_to_write(model_state), metadata={"format": "pt"})}
 
-    def _write_index(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        storage.atomic_write_json(self.run_dir / INDEX, {
+    @staticmethod
+    def _weights_to_write(model_state: dict, to_host: bool = True) -> dict[str, torch.Tensor]:
+        # Tied weights share storage; safetensors stores each storage once and load_model re-ties
+        # them. The shared entries are dropped before any copy, which would untie them.
+        state = clean_state_dict_for_safetensors(dict(model_state))
+        return {key: storage.host_tensor(value) if to_host else value.detach() for key, value in state.items()}
+
+    def _index(self) -> dict:
+        return {
             "monitor": self.monitor,
             "mode": self.mode,
             "last": self.last and asdict(self.last),
             "best": self.best and asdict(self.best),
             "top_k": [asdict(entry) for entry in self.kept],
-        })
+        }
+
+    def _write_index(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        storage.atomic_write_json(self.run_dir / INDEX, self._index())
 
     # ------------------------------------------------------------ resuming
 
@@ -308,6 +383,44 @@ class Checkpointer:
 
     def has_checkpoints(self) -> bool:
         return any((self.run_dir / name).exists() for name in ("last", "previous", "best", "top", INDEX))
+
+
+class PendingSave:
+    """A `last` save writing on a background thread (main process), or nothing to wait for (others)."""
+
+    def __init__(self, previous_last: Entry | None, copy: Callable[[], None] | None, attempt: Callable[[], str | None] | None,
+                 dest: Path, cleanup: Path):
+        self.previous_last, self.dest, self.cleanup = previous_last, dest, cleanup
+        self.copied = threading.Event()  # set once the optimizer step may change the saved tensors
+        self.crash: BaseException | None = None  # an error other than a failed write (a bug, out of memory)
+        self._error: str | None = None
+        self._thread = None
+        if attempt is None:
+            self.copied.set()
+        else:
+            # Not a daemon: an interpreter that exits mid-save first finishes the checkpoint.
+            self._thread = threading.Thread(target=self._run, args=(copy, attempt), name="checkpoint-save")
+            self._thread.start()
+
+    def _run(self, copy: Callable[[], None] | None, attempt: Callable[[], str | None]) -> None:
+        try:
+            try:
+                if copy is not None:
+                    copy()
+            finally:
+                self.copied.set()
+            self._error = attempt()
+        except BaseException as err:  # reported like a failed write, with this as its cause
+            self.crash = err
+            shutil.rmtree(self.cleanup, ignore_errors=True)
+            self._error = (f"writing the checkpoint {self.dest} failed: {type(err).__name__}: {err}. "
+                           f"The earlier checkpoints and {INDEX} are intact.")
+
+    def result(self) -> str | None:
+        """Wait for the write; its error message (None when it succeeded)."""
+        if self._thread is not None:
+            self._thread.join()
+        return self._error
 
 
 # ---------------------------------------------------------------- RNG state, as JSON

@@ -206,6 +206,7 @@ class AcceleratedTrainer:
             stop_reason = self._run_epochs()
             if self.checkpointer.last is None or self.checkpointer.last.step != self.state.step:
                 self._save_last()
+            self._guard_save(self.checkpointer.wait)  # the run ends with its checkpoints on disk
         except BaseException as err:
             self._close_after_failure(err)
             raise
@@ -296,6 +297,7 @@ class AcceleratedTrainer:
             self.state.skipped_steps += 1
             self._step_skipped = True
         else:
+            self.checkpointer.before_optimizer_step()  # an asynchronous save may still be copying the state
             self._optimizer_step()
         self._zero_grad(set_to_none=True)
 
@@ -451,6 +453,7 @@ class AcceleratedTrainer:
         self._check_finite()
         self.last_metrics = self.evaluate()
         value = self.last_metrics[training.monitor]
+        self._guard_save(self.checkpointer.wait)  # a `last` save still in flight reports first
         self._guard_save(lambda: self.checkpointer.maybe_save_top(
             self.model, value, self.state.epoch, self.state.step, self.last_metrics))
         best = self.checkpointer.best
@@ -471,7 +474,9 @@ class AcceleratedTrainer:
             "config": self.config.model_dump(mode="json"),
             "data": {"train_rows": self.train_sampler.num_rows, "train_fingerprint": self.data_fingerprint},
         }
-        self._guard_save(lambda: self.checkpointer.save_last(self.model, self.optimizer, self.scheduler, trainer_state))
+        self._guard_save(self.checkpointer.wait)  # the save before, if still in flight, reports first
+        self._guard_save(lambda: self.checkpointer.save_last(self.model, self.optimizer, self.scheduler, trainer_state,
+                                                             asynchronous=self.config.experiment_options.async_save))
 
     # ------------------------------------------------------------ run directory and resume
 
@@ -532,7 +537,13 @@ class AcceleratedTrainer:
         return None
 
     def _close_after_failure(self, err: BaseException) -> None:
-        # Close the tracker so the logged history is kept; never mask the original error.
+        # Let a save in flight finish, so the last good state is kept (only this process's own
+        # write: the others may never get here), and close the tracker so the logged history is
+        # kept. Never mask the original error.
+        try:
+            self.checkpointer.wait(agree=False)
+        except Exception:
+            pass
         try:
             self.tracker.finish({"stop_reason": f"failed: {type(err).__name__}: {err}", "steps": self.state.step})
         except Exception:

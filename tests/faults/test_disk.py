@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from accelerated_trainer import AcceleratedTrainer, checkpoint
+from accelerated_trainer import AcceleratedTrainer, checkpoint, storage
 from accelerated_trainer.storage import CheckpointError, verify
 
 from conftest import digits_config
@@ -13,16 +13,16 @@ from conftest import digits_config
 
 def fail_on_write(monkeypatch, nth, error):
     """Make the nth weights file write (any checkpoint) fail with `error`."""
-    real = checkpoint.save_file
+    real = storage.write_tensors
     calls = {"n": 0}
 
-    def save_file(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == nth:
+    def write_tensors(path, *args, **kwargs):
+        calls["n"] += path.name == checkpoint.WEIGHTS
+        if calls["n"] == nth and path.name == checkpoint.WEIGHTS:
             raise error
-        return real(*args, **kwargs)
+        return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(checkpoint, "save_file", save_file)
+    monkeypatch.setattr(storage, "write_tensors", write_tensors)
 
 
 def index_matches_disk(run_dir):

@@ -49,9 +49,10 @@ class ExperimentOptions(_Section):
     """A checkpoint write that fails (disk full, permission denied): stop with the error, or warn
     and keep training. Either way the earlier checkpoints and the index stay intact."""
     async_save: bool = True
-    """Write `last` checkpoints on a background thread: the step that saves waits only for a copy
-    of the state in host memory, not for the disk. The copy needs as much host memory as the model
-    and optimizer state; set false to write on the training thread."""
+    """Write `last` checkpoints on a background thread, so training does not wait for the disk.
+    The thread first copies the weights and optimizer state to host memory while the next forward
+    and backward run (the next optimizer step waits for that copy), then writes. The copy needs as
+    much host memory as that state; set false to write on the training thread."""
     distributed_timeout_s: float = Field(600, gt=0)
     """How long a collective may wait for another process before the job fails (a dead or hung rank)."""
 
