@@ -349,7 +349,7 @@ def test_async_save_writes_the_state_as_it_was_when_asked(tmp_path, accelerator,
     saved_weights, saved_optimizer = weights_of(model), optimizer_tensors(optimizer)
     may_write = __import__("threading").Event()
     real_seal = storage.seal
-    monkeypatch.setattr(storage, "seal", lambda directory, hashes=None: (may_write.wait(timeout=30), real_seal(directory, hashes)))
+    monkeypatch.setattr(storage, "seal", lambda directory, checksums=None: (may_write.wait(timeout=30), real_seal(directory, checksums)))
 
     checkpointer.save_last(model, optimizer, scheduler, {"step": 3, "epoch": 0}, asynchronous=True)
     assert checkpointer.last.step == 3
@@ -379,7 +379,7 @@ def test_async_save_failure_is_reported_by_wait_and_keeps_the_earlier_last(tmp_p
     checkpointer.save_last(model, optimizer, scheduler, {"step": 3, "epoch": 0}, asynchronous=True)
     checkpointer.wait()
 
-    def fail(directory, hashes=None):
+    def fail(directory, checksums=None):
         raise error
 
     monkeypatch.setattr(storage, "seal", fail)

@@ -223,10 +223,10 @@ def test_async_save_lets_training_go_on_while_last_is_written(tmp_path, monkeypa
     later_step, held = threading.Event(), []
     real_seal = storage.seal
 
-    def seal(directory, hashes=None):
+    def seal(directory, checksums=None):
         if directory.name == ".last.tmp" and not held:
             held.append(later_step.wait(timeout=60))
-        real_seal(directory, hashes)
+        real_seal(directory, checksums)
 
     monkeypatch.setattr(storage, "seal", seal)
     trainer = AcceleratedTrainer(None, digits_config(tmp_path, experiment_options={"title": "async"}))

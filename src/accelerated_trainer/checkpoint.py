@@ -11,7 +11,7 @@ Run directory layout::
         best/                weights of the best evaluation so far
         top/epoch003-step000120/   weights of each top-k evaluation
 
-Every directory is sealed with a manifest (size and sha256 of each file) and renamed into
+Every directory is sealed with a manifest (size and CRC32 of each file) and renamed into
 place only when complete; an old checkpoint is deleted only after its replacement is in place.
 """
 
@@ -149,12 +149,12 @@ class Checkpointer:
                     tensors[name] = storage.host_tensor(tensors[name], copy=True)
 
         def write() -> None:
-            hashes = {WEIGHTS: storage.write_tensors(tmp / WEIGHTS, weights, metadata={"format": "pt"})}
-            hashes |= storage.write_state(skeleton, optimizer_tensors, tmp, "optimizer")
+            checksums = {WEIGHTS: storage.write_tensors(tmp / WEIGHTS, weights, metadata={"format": "pt"})}
+            checksums |= storage.write_state(skeleton, optimizer_tensors, tmp, "optimizer")
             (tmp / "state.json").write_text(state_text)
             # No read-back verify here: right after writing it would hash the page cache, not the
             # disk (0.2 s per 300 MB for nothing). Resume verifies every file against the manifest.
-            storage.seal(tmp, hashes)
+            storage.seal(tmp, checksums)
             storage.publish(tmp, dest, keep_previous=self.run_dir / "previous")
             storage.atomic_write_json(self.run_dir / INDEX, index)
 
@@ -256,14 +256,14 @@ class Checkpointer:
 
     def _write_weights_dir(self, dest: Path, model_state: dict, meta: dict) -> None:
         tmp = storage.temporary_dir(dest)
-        hashes = self._write_weights(tmp, model_state)
+        checksums = self._write_weights(tmp, model_state)
         storage.write_json(tmp / "meta.json", meta)
-        storage.seal(tmp, hashes)
+        storage.seal(tmp, checksums)
         storage.publish(tmp, dest)
 
     @classmethod
     def _write_weights(cls, directory: Path, model_state: dict) -> dict[str, str]:
-        """Write model.safetensors; its sha256 by file name, for the seal."""
+        """Write model.safetensors; its checksum by file name, for the seal."""
         return {WEIGHTS: storage.write_tensors(directory / WEIGHTS, cls._weights_to_write(model_state), metadata={"format": "pt"})}
 
     @staticmethod

@@ -48,10 +48,10 @@ if int(os.environ.get("RANK", "0")) == int(os.environ.get("CRASH_RANK", "0")):
     elif point == "seal":
         seal = storage.seal
 
-        def _seal(directory, hashes=None):
+        def _seal(directory, checksums=None):
             if is_nth_last_save(directory):
                 die()
-            return seal(directory, hashes)
+            return seal(directory, checksums)
 
         storage.seal = _seal
     elif point == "publish":
