@@ -11,10 +11,10 @@ from conftest import REPO
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 
 
-def launch_two_processes(tmp_path, *overrides, timeout=300):
+def launch_two_processes(tmp_path, *overrides, timeout=300, script="train.py"):
     command = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29617",
-               "train.py", "--config", "configs/digits.json", "--quiet",
+               script, "--config", "configs/digits.json", "--quiet",
                "--set", f"experiment_options.ckpt_dir={tmp_path}", "--set", "experiment_options.wandb.mode=disabled",
                *[arg for override in overrides for arg in ("--set", override)]]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
@@ -40,6 +40,14 @@ def test_two_processes_train_one_model_together(tmp_path):
         assert abs(row["val_accuracy"] * 359 - round(row["val_accuracy"] * 359)) < 1e-3
     assert result.stdout.count("run finished") == 1
     assert validations[-1]["val_accuracy"] > 0.85
+
+
+def test_the_cli_destroys_the_process_group_before_the_interpreter_exits(tmp_path):
+    # Left to the exit, gloo's threads sometimes abort a process whose run succeeded (SIGABRT).
+    result = launch_two_processes(tmp_path, "training_options.n_epochs=1", script="tests/helpers/cli_then_report.py")
+    assert result.returncode == 0, result.stderr[-4000:]
+    for rank in (0, 1):
+        assert f"rank {rank}: process group up after the CLI returned: False" in result.stdout, result.stdout[-2000:]
 
 
 def test_only_the_main_process_talks_to_trackers(tmp_path):

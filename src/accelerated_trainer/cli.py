@@ -51,6 +51,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _run(argv)
+    finally:
+        _release_process_group()
+
+
+def _release_process_group() -> None:
+    """Destroy the process group before the interpreter exits.
+
+    Left to the exit, gloo's threads are sometimes still joinable while torch tears down, and a
+    process whose run succeeded aborts ("terminate called without an active exception", SIGABRT),
+    which the launcher reports as a failed job.
+    """
+    if "torch.distributed" not in sys.modules:  # --help and config errors never import torch
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _run(argv: list[str] | None) -> int:
     args = parse_args(argv)
     # Imported here so that --help answers without loading pydantic, torch or accelerate.
     from .config import ConfigError, json_schema, load_config
