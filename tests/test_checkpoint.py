@@ -176,6 +176,14 @@ def test_save_last_twice_rotates_last_into_previous(tmp_path, accelerator):
     names = {p.name for p in (run_dir / "last").iterdir()}
     assert names == {WEIGHTS, "optimizer.json", "optimizer.safetensors", "state.json", "rng-rank0.json", storage.MANIFEST}
 
+    # The third save writes over the first one's files (then `previous`) in place.
+    first = {name: (run_dir / "previous" / name).stat().st_ino for name in (WEIGHTS, "optimizer.safetensors")}
+    checkpointer.save_last(model, optimizer, scheduler, {"step": 30, "epoch": 3})
+    assert (state_step(run_dir / "last"), state_step(run_dir / "previous")) == (30, 20)
+    assert {name: (run_dir / "last" / name).stat().st_ino for name in first} == first
+    assert storage.verify(run_dir / "last") is None and storage.verify(run_dir / "previous") is None
+    assert sorted(p.name for p in run_dir.iterdir()) == [INDEX, "last", "previous"]
+
 
 def test_find_resumable_prefers_last_and_falls_back_to_previous(tmp_path, accelerator):
     run_dir = tmp_path / "run"

@@ -257,6 +257,28 @@ def test_temporary_dir_removes_a_stale_leftover(tmp_path):
     assert not dest.exists()
 
 
+def test_temporary_dir_recycles_an_older_checkpoint_unsealed_with_only_the_kept_files(tmp_path):
+    old = sealed_dir(tmp_path / "previous", 1)
+    storage.write_tensors(old / "big.safetensors", {"w": torch.arange(1000, dtype=torch.float32)})
+    (old / "stale.json").write_text("{}")
+    inode = (old / "big.safetensors").stat().st_ino
+
+    tmp = storage.temporary_dir(tmp_path / "last", recycle=old, keep=("big.safetensors",))
+    assert tmp == tmp_path / ".last.tmp" and not old.exists()
+    assert [p.name for p in tmp.iterdir()] == ["big.safetensors"], "no manifest, nothing but the kept file"
+    # Overwritten in place (same inode) and cut to the new, shorter length.
+    storage.write_tensors(tmp / "big.safetensors", {"w": torch.arange(10, dtype=torch.float32)})
+    assert (tmp / "big.safetensors").stat().st_ino == inode
+    assert torch.equal(load_file(tmp / "big.safetensors")["w"], torch.arange(10, dtype=torch.float32))
+
+
+def test_temporary_dir_does_not_recycle_what_is_not_a_sealed_checkpoint(tmp_path):
+    unsealed = tmp_path / "previous"
+    (unsealed / "x").mkdir(parents=True)
+    tmp = storage.temporary_dir(tmp_path / "last", recycle=unsealed)
+    assert list(tmp.iterdir()) == [] and (unsealed / "x").is_dir()
+
+
 def test_publish_into_an_empty_place(tmp_path):
     tmp = sealed_dir(tmp_path / ".last.tmp", 1)
     storage.publish(tmp, tmp_path / "last", keep_previous=tmp_path / "previous")
@@ -272,6 +294,17 @@ def test_publish_keeps_the_old_directory_as_previous(tmp_path):
 
     storage.publish(sealed_dir(tmp_path / ".last.tmp", 3), dest, keep_previous=previous)
     assert (step_of(dest), step_of(previous)) == (3, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last", "previous"]
+
+
+def test_publish_can_leave_the_deletion_of_the_oldest_to_the_caller(tmp_path):
+    dest, previous = tmp_path / "last", tmp_path / "previous"
+    sealed_dir(dest, 2)
+    sealed_dir(previous, 1)
+    retired = storage.publish(sealed_dir(tmp_path / ".last.tmp", 3), dest, keep_previous=previous, delete=False)
+    assert (step_of(dest), step_of(previous)) == (3, 2)
+    assert [path.name for path in retired] == [".last.trash-previous"] and step_of(retired[0]) == 1
+    storage.discard(retired)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last", "previous"]
 
 

@@ -7,12 +7,16 @@ Run directory layout::
         metrics.jsonl        every logged metric
         checkpoints.json     index of the kept checkpoints (paths relative to the run directory)
         last/                full state: model, optimizer, scheduler, RNG per process, trainer state
-        previous/            the full state before `last`, kept as a fallback
+        previous/            the full state before `last`, a fallback (recycled by the next save)
         best/                weights of the best evaluation so far
         top/epoch003-step000120/   weights of each top-k evaluation
 
 Every directory is sealed with a manifest (size and CRC32 of each file) and renamed into
 place only when complete; an old checkpoint is deleted only after its replacement is in place.
+The one exception is `previous`: a save of `last` overwrites its files in place (see
+storage.temporary_dir), so while a save is in flight, or after one failed, `last` is the only
+full state, as it is before the second save. `last` itself is never touched until the new one
+is complete.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from .storage import CheckpointError
 
 INDEX = "checkpoints.json"
 WEIGHTS = "model.safetensors"
+LAST_TENSOR_FILES = (WEIGHTS, "optimizer.safetensors")  # the bulk of `last`, rewritten in place by the next save
 
 
 @dataclass
@@ -90,80 +95,80 @@ class Checkpointer:
     def save_last(self, model, optimizer, scheduler, trainer_state: dict, *, asynchronous: bool = False) -> Path:
         """Write the full resumable state to `last`, keeping the old one as `previous`.
 
-        With `asynchronous`, the state is copied to host memory here and written to disk on a
-        background thread; `wait()` (which the next save calls) reports how it went. Until then
-        the old `last` and `previous` are untouched, so a crash mid-write loses only this save.
+        The new state is written over the files of the old `previous`. With `asynchronous`, it is
+        written on a background thread (see _last_writer) and `wait()`, which the next save calls,
+        reports how it went. Until the new `last` is complete the old `last` is untouched, so a
+        crash mid-write loses only this save.
 
         Raises:
-            CheckpointError: on every process, when any write failed; the earlier checkpoints,
-                the index and the lists are then as they were. Asynchronous: from `wait()`.
+            CheckpointError: on every process, when any write failed; `last`, the index and the
+                lists are then as they were (`previous` is gone). Asynchronous: from `wait()`.
         """
         self.wait()
         dest = self.run_dir / "last"
         model_state = self.accelerator.get_state_dict(model)  # collective under FSDP/DeepSpeed
         tmp = dest.with_name(f".{dest.name}.tmp")
-        self._on_main(lambda: storage.temporary_dir(dest), dest)
+        # `previous` is about to be replaced: its files are overwritten in place with the new state.
+        # Until this save is complete `last` is then the only checkpoint, as it is before the second.
+        self._on_main(lambda: storage.temporary_dir(dest, recycle=self.run_dir / "previous", keep=LAST_TENSOR_FILES), dest)
         self._everywhere(lambda: storage.write_json(tmp / f"rng-rank{self.accelerator.process_index}.json", capture_rng()), dest)
         previous_last = self.last
         # The state written below already names this checkpoint as `last`.
         self.last = Entry("last", trainer_state["epoch"], trainer_state["step"])
-        copy = write = None
+        write = None
         if self.accelerator.is_main_process:
-            copy, write = self._last_writer(tmp, dest, model, model_state, optimizer, scheduler, trainer_state, asynchronous)
+            write = self._last_writer(tmp, dest, model, model_state, optimizer, scheduler, trainer_state, asynchronous)
         if asynchronous:
-            self._pending = PendingSave(previous_last, copy, write and (lambda: self._attempt(write, dest, tmp)), dest, tmp)
+            attempt = write and (lambda captured: self._attempt(lambda: write(captured), dest, tmp))
+            self._pending = PendingSave(previous_last, attempt, dest, tmp)
             return dest
         try:
-            self._on_main(write, dest, cleanup=tmp)
+            self._on_main(write and (lambda: write(lambda: None)), dest, cleanup=tmp)
         except CheckpointError:
             self.last = previous_last
             raise
         return dest
 
     def _last_writer(self, tmp: Path, dest: Path, model, model_state, optimizer, scheduler, trainer_state: dict, asynchronous: bool):
-        """(copy, write): the main process's write of `last`, and for an asynchronous save the copy
-        of the tensors it must make first.
+        """The main process's write of `last`: a function of `captured`, called once the tensors are written.
 
         Everything but the parameters and the optimizer's tensors is taken now: buffers (which a
-        forward may update) are copied, the rest serialized. Those two only change in the optimizer
-        step, so the background thread copies them while the next forward and backward run, and
-        `before_optimizer_step` holds the step until the copy is done.
+        forward may update) are copied, the rest serialized. Those two change only in the
+        optimizer step, so an asynchronous save writes them from the live tensors while the next
+        forward and backward run, and `before_optimizer_step` holds the step until `captured`:
+        until their bytes are in the files (the OS page cache), well before the files are on disk.
+        No second copy of the state is ever held in memory.
         """
         weights = self._weights_to_write(model_state, to_host=not asynchronous)
         skeleton, optimizer_tensors = storage.split_tensors(optimizer.state_dict(), to_host=not asynchronous)
-        later = []
         if asynchronous:
-            parameters = {name for name, _ in self.accelerator.unwrap_model(model).named_parameters()} & weights.keys()
+            parameters = {name for name, _ in self.accelerator.unwrap_model(model).named_parameters()}
             for name in weights.keys() - parameters:
                 weights[name] = storage.host_tensor(weights[name], copy=True)
-            later = [(weights, sorted(parameters)), (optimizer_tensors, list(optimizer_tensors))]
         state = {**trainer_state, "scheduler": scheduler.state_dict(), "checkpoints": self.state_dict()}
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is not None:
             state["scaler"] = scaler.state_dict()
         state_text, index = storage.to_json(state), self._index()
 
-        def copy() -> None:
-            for tensors, names in later:
-                for name in names:
-                    tensors[name] = storage.host_tensor(tensors[name], copy=True)
-
-        def write() -> None:
+        def write(captured: Callable[[], None]) -> None:
             checksums = {WEIGHTS: storage.write_tensors(tmp / WEIGHTS, weights, metadata={"format": "pt"})}
             checksums |= storage.write_state(skeleton, optimizer_tensors, tmp, "optimizer")
+            captured()
             (tmp / "state.json").write_text(state_text)
             # No read-back verify here: right after writing it would hash the page cache, not the
             # disk (0.2 s per 300 MB for nothing). Resume verifies every file against the manifest.
             storage.seal(tmp, checksums)
-            storage.publish(tmp, dest, keep_previous=self.run_dir / "previous")
+            retired = storage.publish(tmp, dest, keep_previous=self.run_dir / "previous", delete=False)
             storage.atomic_write_json(self.run_dir / INDEX, index)
+            storage.discard(retired)  # an older checkpoint left by a crash, once the new one is recorded
 
-        return (copy if asynchronous else None), write
+        return write
 
     def before_optimizer_step(self) -> None:
-        """Hold the optimizer step until a save in flight has copied what the step changes."""
+        """Hold the optimizer step until a save in flight has written what the step changes."""
         if self._pending is not None:
-            self._pending.copied.wait()
+            self._pending.captured.wait()
 
     def wait(self, agree: bool = True) -> None:
         """Block until the asynchronous save in flight, if any, is on disk.
@@ -388,33 +393,30 @@ class Checkpointer:
 class PendingSave:
     """A `last` save writing on a background thread (main process), or nothing to wait for (others)."""
 
-    def __init__(self, previous_last: Entry | None, copy: Callable[[], None] | None, attempt: Callable[[], str | None] | None,
+    def __init__(self, previous_last: Entry | None, attempt: Callable[[Callable[[], None]], str | None] | None,
                  dest: Path, cleanup: Path):
         self.previous_last, self.dest, self.cleanup = previous_last, dest, cleanup
-        self.copied = threading.Event()  # set once the optimizer step may change the saved tensors
+        self.captured = threading.Event()  # set once the optimizer step may change the saved tensors
         self.crash: BaseException | None = None  # an error other than a failed write (a bug, out of memory)
         self._error: str | None = None
         self._thread = None
         if attempt is None:
-            self.copied.set()
+            self.captured.set()
         else:
             # Not a daemon: an interpreter that exits mid-save first finishes the checkpoint.
-            self._thread = threading.Thread(target=self._run, args=(copy, attempt), name="checkpoint-save")
+            self._thread = threading.Thread(target=self._run, args=(attempt,), name="checkpoint-save")
             self._thread.start()
 
-    def _run(self, copy: Callable[[], None] | None, attempt: Callable[[], str | None]) -> None:
+    def _run(self, attempt: Callable[[Callable[[], None]], str | None]) -> None:
         try:
-            try:
-                if copy is not None:
-                    copy()
-            finally:
-                self.copied.set()
-            self._error = attempt()
+            self._error = attempt(self.captured.set)
         except BaseException as err:  # reported like a failed write, with this as its cause
             self.crash = err
             shutil.rmtree(self.cleanup, ignore_errors=True)
             self._error = (f"writing the checkpoint {self.dest} failed: {type(err).__name__}: {err}. "
                            f"The earlier checkpoints and {INDEX} are intact.")
+        finally:
+            self.captured.set()  # a failed write must not hold training
 
     def result(self) -> str | None:
         """Wait for the write; its error message (None when it succeeded)."""
