@@ -1,7 +1,7 @@
 """The bench scripts still run: each one with --quick, as a subprocess.
 
 Only that they finish and print their table; the timings themselves belong in bench/, not in
-tests. The three run side by side to keep this file short (they are mostly imports).
+tests. They run side by side to keep this file short (they are mostly imports).
 """
 
 import subprocess
@@ -15,6 +15,7 @@ HEADERS = {
     "bench_step.py": "| variant | ms/step median | min-max | vs (a) |",
     "bench_startup.py": "| launch to | median s | min-max | vs reference |",
     "bench_checkpoint.py": "| save | MB on disk | median s | min-max | MB/s | vs raw |",
+    "bench_async_save.py": "| variant | steps | n | median ms | vs none | mean ms | mean vs none |",
 }
 
 
