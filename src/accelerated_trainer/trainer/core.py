@@ -21,17 +21,17 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
 
-from . import data, storage
-from .checkpoint import Checkpointer
-from .storage import CheckpointError
-from .config import ConfigError, TrainerConfig, load_config
-from .early_stopping import EarlyStopping
-from .models import build_model
-from .models import resolve as resolve_model
-from .metrics import ValidationMetrics, build_loss, per_sample
-from .optim import build_optimizer, build_scheduler
-from .preemption import StopRequest
-from .tracking import Progress, Tracker, trackers_for
+from .. import data, storage
+from ..checkpoint import Checkpointer
+from ..storage import CheckpointError
+from ..config import ConfigError, TrainerConfig, load_config
+from ..early_stopping import EarlyStopping
+from ..models import build_model
+from ..models import resolve as resolve_model
+from ..metrics import ValidationMetrics, build_loss, per_sample
+from ..optim import build_optimizer, build_scheduler
+from ..preemption import StopRequest
+from ..tracking import Progress, Tracker, trackers_for
 
 # Settings whose change between a checkpoint and its resume changes what "the next batch" means.
 RESUME_SENSITIVE = ("dataset_options.batch_size", "training_options.gradient_accumulation_steps", "training_options.seed")
