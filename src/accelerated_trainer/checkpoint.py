@@ -210,7 +210,7 @@ class Checkpointer:
         except (OSError, CheckpointError) as err:
             if cleanup is not None:
                 shutil.rmtree(cleanup, ignore_errors=True)
-            return f"writing the checkpoint {dest} failed: {err}. The earlier checkpoints and {INDEX} are intact."
+            return f"writing the checkpoint {dest} failed: {err}. {_what_is_intact(dest)}"
 
     def _agree(self, error: str | None) -> None:
         # Also the barrier after each write: no process goes on before the checkpoint is complete.
@@ -390,6 +390,12 @@ class Checkpointer:
         return any((self.run_dir / name).exists() for name in ("last", "previous", "best", "top", INDEX))
 
 
+def _what_is_intact(dest: Path) -> str:
+    if dest.name == "last":  # a save of `last` writes over `previous` (storage.temporary_dir)
+        return f"The earlier checkpoints and {INDEX} are intact, but for `previous`, which it was rewriting."
+    return f"The earlier checkpoints and {INDEX} are intact."
+
+
 class PendingSave:
     """A `last` save writing on a background thread (main process), or nothing to wait for (others)."""
 
@@ -414,7 +420,7 @@ class PendingSave:
             self.crash = err
             shutil.rmtree(self.cleanup, ignore_errors=True)
             self._error = (f"writing the checkpoint {self.dest} failed: {type(err).__name__}: {err}. "
-                           f"The earlier checkpoints and {INDEX} are intact.")
+                           f"{_what_is_intact(self.dest)}")
         finally:
             self.captured.set()  # a failed write must not hold training
 
