@@ -140,6 +140,27 @@ def test_tensorboard_resume_replaces_the_steps_after_the_checkpoint(tmp_path):
     assert resumed.run_id == first.run_id
 
 
+def test_trackers_start_in_the_background_and_a_failed_start_is_raised_by_the_next_log(tmp_path, monkeypatch):
+    tracker = make_tracker(tmp_path, ["tensorboard"])
+    started = []
+
+    def init_trackers(project, init_kwargs=None):
+        time.sleep(0.3)  # a slow wandb.init
+        started.append(project)
+        raise RuntimeError("tracker service refused the run")
+
+    monkeypatch.setattr(tracker.accelerator, "init_trackers", init_trackers)
+    began = time.perf_counter()
+    tracker.start()
+    assert time.perf_counter() - began < 0.2 and started == [], "start() does not wait for the trackers"
+    with pytest.raises(RuntimeError, match="tracker service refused the run"):
+        tracker.log({"train_loss": 1.0}, step=1)
+    assert started == ["accelerated-trainer"]
+    assert metric_rows(tmp_path) == [{"step": 1, "train_loss": 1.0}], "metrics.jsonl has the row all the same"
+    tracker.finish({})  # the error was reported once; finish closes what there is
+    assert tracker._metrics_file is None
+
+
 # ---------------------------------------------------------------- a real run with both trackers, then a resume
 
 

@@ -95,6 +95,8 @@ class Tracker:
         self.mode = wandb_mode(options.wandb) if "wandb" in self.trackers else "disabled"
         self.run_id: str | None = None
         self._metrics_file = None
+        self._starting: threading.Thread | None = None
+        self._start_error: BaseException | None = None
 
     def start(self, run_id: str | None = None, step: int = 0) -> None:
         """Open metrics.jsonl and start the trackers.
@@ -127,11 +129,28 @@ class Tracker:
         # accelerate writes TensorBoard events to {logging_dir}/{project}; logging_dir defaults to
         # the run directory, which would put them beside the checkpoints.
         self.accelerator.project_configuration.logging_dir = str(self.run_dir / "tensorboard")
-        self.accelerator.init_trackers(wandb.project, init_kwargs=init)
-        for tracker in self.accelerator.trackers:
-            # TensorBoard's hparams take flat scalars only; W&B shows the nested sections.
-            flat = tracker.name == "tensorboard"
-            tracker.store_init_configuration(_flatten(self.hyperparameters) if flat else self.hyperparameters)
+        # wandb.init takes 0.5 to 2 s (its service process, the run's files): training starts
+        # meanwhile, and the first log to the trackers waits for it (bench/bench_startup.py).
+        self._starting = threading.Thread(target=self._start_trackers, args=(wandb.project, init), name="trackers-start", daemon=True)
+        self._starting.start()
+
+    def _start_trackers(self, project: str, init: dict) -> None:
+        try:
+            self.accelerator.init_trackers(project, init_kwargs=init)
+            for tracker in self.accelerator.trackers:
+                # TensorBoard's hparams take flat scalars only; W&B shows the nested sections.
+                flat = tracker.name == "tensorboard"
+                tracker.store_init_configuration(_flatten(self.hyperparameters) if flat else self.hyperparameters)
+        except BaseException as err:  # raised on the training thread by the next log or finish
+            self._start_error = err
+
+    def _wait_for_start(self) -> None:
+        if self._starting is not None:
+            self._starting.join()
+            self._starting = None
+        if self._start_error is not None:
+            error, self._start_error = self._start_error, None
+            raise error
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         """Record metrics at an optimizer step: one JSON line, and the trackers."""
@@ -142,12 +161,18 @@ class Tracker:
         self._metrics_file.write(json.dumps(row) + "\n")
         self._metrics_file.flush()
         if self.trackers:
+            self._wait_for_start()
             self.accelerator.log(values, step=step)
 
     def finish(self, summary: dict[str, Any]) -> None:
         """Write the run summary (W&B), close the trackers and metrics.jsonl."""
         if not self.accelerator.is_main_process:
             return
+        try:
+            self._wait_for_start()
+        except BaseException:  # the trackers never started: metrics.jsonl is still closed
+            self._close_metrics()
+            raise
         if "wandb" in self.trackers:
             run = self.accelerator.get_tracker("wandb", unwrap=True)
             for key, value in summary.items():
@@ -159,6 +184,9 @@ class Tracker:
         self.accelerator.trackers.clear()
         if self.mode == "offline":
             self.accelerator.print(f"wandb: upload this run with `wandb sync {self.run_dir / 'wandb'}/offline-run-*-{self.run_id}`")
+        self._close_metrics()
+
+    def _close_metrics(self) -> None:
         if self._metrics_file:
             self._metrics_file.close()
             self._metrics_file = None
