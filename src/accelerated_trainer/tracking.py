@@ -56,29 +56,6 @@ def trackers_for(options: ExperimentOptions) -> list[str]:
     return names
 
 
-def prestart(options: ExperimentOptions, is_main_process: bool) -> threading.Thread | None:
-    """Start W&B's service process on a background thread while the trainer builds data and model.
-
-    wandb.init starts that process and waits for it (1 to 2 s here, bench/bench_startup.py); begun
-    early it is up by the time the run starts. wandb.setup is the documented way to start it ahead
-    and holds a lock, so wandb.init later reuses it whether or not this thread has finished.
-    """
-    if not is_main_process or "wandb" not in trackers_for(options):
-        return None
-
-    def setup() -> None:
-        try:
-            import wandb
-
-            wandb.setup()
-        except Exception:  # wandb.init, which runs anyway, reports what is wrong
-            pass
-
-    thread = threading.Thread(target=setup, name="wandb-prestart", daemon=True)
-    thread.start()
-    return thread
-
-
 class Tracker:
     """Logs metrics to metrics.jsonl and, through accelerate, to the configured trackers.
 

@@ -27,7 +27,6 @@ from ..models import build_model
 from ..models import resolve as resolve_model
 from ..optim import build_optimizer, build_scheduler
 from ..tracking import Tracker, trackers_for
-from ..tracking import prestart as prestart_trackers
 from .forward import BatchLoss
 from .state import TrainingState
 
@@ -41,8 +40,6 @@ class TrainerParts:
     def _build_accelerator(self) -> None:
         training = self.config.training_options
         self.accelerator = build_accelerator(training, self.config.experiment_options, self.run_dir)
-        # W&B's service process starts while data and model are built, not after (bench/bench_startup.py).
-        prestart_trackers(self.config.experiment_options, self.accelerator.is_main_process)
         self._plain_optimizer = should_step_optimizer_directly(self.accelerator)
         # With one micro-batch per step the `accumulate` context and backward's division of the loss
         # by 1 do nothing but cost time; so does the prepared DataLoader for a single process.
