@@ -34,7 +34,7 @@ def command(run_root, *settings, processes=1, machines=1, rank=0, port=29671, sc
 
 
 def environment(**extra):
-    return {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", **extra}
+    return {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", **extra}
 
 
 def run(cmd, timeout=300, **env):
@@ -69,7 +69,7 @@ def test_two_processes_follow_the_one_process_loss_curve(tmp_path):
 def test_two_machines_on_localhost_agree_with_one_machine(tmp_path):
     settings = ["training_options.n_epochs=2"]
     single = run(command(tmp_path / "single", *settings, processes=2, port=29673))
-    assert single.returncode == 0, single.stderr[-3000:]
+    assert single.returncode == 0, single.stdout[-1500:] + single.stderr[-4000:]
     # One launch per "machine", one process each, meeting at 127.0.0.1.
     launches = [start(command(tmp_path / "multi", *settings, processes=2, machines=2, rank=rank, port=29675))
                 for rank in (0, 1)]

@@ -17,7 +17,7 @@ def launch_two_processes(tmp_path, *overrides, timeout=300, script="train.py"):
                script, "--config", "configs/digits.json", "--quiet",
                "--set", f"experiment_options.ckpt_dir={tmp_path}", "--set", "experiment_options.wandb.mode=disabled",
                *[arg for override in overrides for arg in ("--set", override)]]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -56,7 +56,7 @@ def test_only_the_main_process_talks_to_trackers(tmp_path):
                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29619",
                "train.py", "--config", "configs/digits.json", "--quiet", "--set", f"experiment_options.ckpt_dir={tmp_path}",
                "--set", 'experiment_options.trackers=["wandb","tensorboard"]', "--set", "training_options.n_epochs=2"]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", **env_home}
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", **env_home}
     env.pop("WANDB_MODE", None)
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
