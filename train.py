@@ -7,10 +7,10 @@ import sys
 from pathlib import Path
 
 try:
-    from accelerated_trainer.cli import main
+    from accelerated_trainer.cli import run_and_exit
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
-    from accelerated_trainer.cli import main
+    from accelerated_trainer.cli import run_and_exit
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_and_exit()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from typing import NoReturn
 
 PREEMPTED_EXIT_CODE = 99  # preempted or max_time_s: `last` is complete, relaunch with resume
 LOST_PROCESS_EXIT_CODE = 3  # another process of the job died or hung
@@ -55,6 +57,29 @@ def main(argv: list[str] | None = None) -> int:
         return _run(argv)
     finally:
         _release_process_group()
+
+
+def run_and_exit(argv: list[str] | None = None) -> NoReturn:
+    """What train.py runs: main(), then leave the process with its exit code.
+
+    After a run with several processes the process leaves at once (os._exit), skipping the
+    interpreter's teardown. There, torch's distributed threads (gloo, the TCPStore) are sometimes
+    still joinable and the C++ runtime aborts a process whose run succeeded ("terminate called
+    without an active exception", SIGABRT: 3 of 30 two-process runs here, with the process group
+    already destroyed), which a launcher or SLURM reports as a failed job. By then every
+    checkpoint is complete, every file closed, and the trackers finished.
+    """
+    code = main(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        sys.exit(code)
+    if "wandb" in sys.modules:
+        try:
+            sys.modules["wandb"].teardown()  # what its atexit hook would do: stop its service process
+        except Exception:
+            pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _release_process_group() -> None:
@@ -124,4 +149,4 @@ def _lost_another_process(err: Exception) -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_and_exit()

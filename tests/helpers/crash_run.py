@@ -70,4 +70,4 @@ if int(os.environ.get("RANK", "0")) == int(os.environ.get("CRASH_RANK", "0")):
     else:
         raise SystemExit(f"unknown CRASH_AT {point!r}")
 
-sys.exit(cli.main(sys.argv[1:]))
+cli.run_and_exit(sys.argv[1:])
