@@ -432,3 +432,32 @@ def test_async_save_keeps_buffers_as_they_were_when_a_forward_updates_them(tmp_p
     assert not torch.equal(model[1].running_mean, saved["1.running_mean"])
     checkpointer.wait()
     assert_weights_equal(load_file(run_dir / "last" / WEIGHTS), saved)
+
+
+def test_async_save_releases_the_optimizer_step_before_the_files_are_written(tmp_path, accelerator, monkeypatch):
+    """The state is copied into host buffers first: the write itself never holds training."""
+    run_dir = tmp_path / "run"
+    checkpointer = Checkpointer(run_dir, accelerator, monitor="val_loss", mode="min", save_top_k=1)
+    model, optimizer, scheduler = trained()
+    saved_weights, saved_optimizer = weights_of(model), optimizer_tensors(optimizer)
+    may_write = __import__("threading").Event()
+    real_write = storage.write_tensors
+
+    def held_write(*args, **kwargs):
+        assert may_write.wait(timeout=30)
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(storage, "write_tensors", held_write)
+    checkpointer.save_last(model, optimizer, scheduler, {"step": 3, "epoch": 0}, asynchronous=True)
+    model(torch.randn(6, 4)).pow(2).mean().backward()
+    checkpointer.before_optimizer_step()  # returns although not one byte is written
+    optimizer.step()
+    assert not any((run_dir / ".last.tmp" / name).exists() and (run_dir / ".last.tmp" / name).stat().st_size
+                   for name in (WEIGHTS, "optimizer.safetensors"))
+    may_write.set()
+    checkpointer.wait()
+
+    assert_weights_equal(load_file(run_dir / "last" / WEIGHTS), saved_weights)
+    fresh, fresh_optimizer, fresh_scheduler = trained(seed=1, steps=1)
+    checkpointer.load(run_dir / "last", fresh, fresh_optimizer, fresh_scheduler)
+    assert_weights_equal(optimizer_tensors(fresh_optimizer), saved_optimizer)

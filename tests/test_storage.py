@@ -358,3 +358,20 @@ def test_write_tensors_is_read_back_by_safetensors_with_its_checksum(tmp_path, d
         assert torch.equal(loaded[name].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)), name
     with safe_open(path, framework="pt") as handle:
         assert handle.metadata() == {"format": "pt"}
+
+
+def test_a_paced_write_writes_the_same_file_and_checksum_piece_by_piece(tmp_path, monkeypatch):
+    monkeypatch.setattr(storage, "PACED_PIECE", 1000)  # a 40 kB tensor goes in 41 pieces
+    generator = torch.Generator().manual_seed(0)
+    tensors = {"big": torch.randn(100, 100, generator=generator), "odd": torch.arange(7, dtype=torch.int16)}
+    pieces = []
+    real_sleep = storage.time.sleep
+    monkeypatch.setattr(storage.time, "sleep", lambda seconds: (pieces.append(seconds), real_sleep(0)))
+
+    flat = storage.write_tensors(tmp_path / "flat.safetensors", tensors)
+    assert pieces == [], "a flat-out write never pauses"
+    paced = storage.write_tensors(tmp_path / "paced.safetensors", tensors, pause=2.0)
+
+    assert len(pieces) > 40 and all(seconds >= 0 for seconds in pieces)
+    assert paced == flat == f"{zlib.crc32((tmp_path / 'paced.safetensors').read_bytes()):08x}"
+    assert (tmp_path / "paced.safetensors").read_bytes() == (tmp_path / "flat.safetensors").read_bytes()

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import shutil
-import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Literal
@@ -33,6 +33,7 @@ from accelerate.utils import clean_state_dict_for_safetensors
 from safetensors.torch import load_model
 
 from . import storage
+from .async_save import PendingSave, Staging
 from .early_stopping import is_improvement
 from .rng import capture_rng, restore_rng
 from .storage import CheckpointError
@@ -88,6 +89,8 @@ class Checkpointer:
         self.best: Entry | None = None
         self.last: Entry | None = None
         self._pending: PendingSave | None = None
+        self._staging = Staging()  # host snapshot buffers of asynchronous saves
+        self._last_async_save_at: float | None = None  # time.perf_counter() of the latest asynchronous save
 
     # ------------------------------------------------------------ saving
 
@@ -110,7 +113,7 @@ class Checkpointer:
         # `previous` is about to be replaced: its files are overwritten in place with the new state.
         # Until this save is complete `last` is then the only checkpoint, as it is before the second.
         self._on_main(lambda: storage.temporary_dir(dest, recycle=self.run_dir / "previous", keep=LAST_TENSOR_FILES), dest)
-        self._everywhere(lambda: storage.write_json(tmp / f"rng-rank{self.accelerator.process_index}.json", capture_rng()), dest)
+        self._everywhere(lambda: storage.write_json(tmp / f"rng-rank{self.accelerator.process_index}.json", capture_rng(), indent=None), dest)
         previous_last = self.last
         # The state written below already names this checkpoint as `last`.
         self.last = Entry("last", trainer_state["epoch"], trainer_state["step"])
@@ -118,42 +121,56 @@ class Checkpointer:
         if self.accelerator.is_main_process:
             write = self._last_writer(tmp, dest, model, model_state, optimizer, scheduler, trainer_state, asynchronous)
         if asynchronous:
-            attempt = write and (lambda captured: self._attempt(lambda: write(captured), dest, tmp))
-            self._pending = PendingSave(previous_last, attempt, dest, tmp)
+            attempt = write and (lambda captured, pause: self._attempt(lambda: write(captured, pause), dest, tmp))
+            # Paced for half the time since the save before (not at all the first time): it ends before the next.
+            now, before = time.perf_counter(), self._last_async_save_at
+            self._last_async_save_at = now
+            pace_for = 0.5 * (now - before) if before is not None else 0.0
+            self._pending = PendingSave(previous_last, attempt, dest, tmp, _what_is_intact(dest), pace_for)
             return dest
         try:
-            self._on_main(write and (lambda: write(lambda: None)), dest, cleanup=tmp)
+            self._on_main(write and (lambda: write(lambda: None, 0.0)), dest, cleanup=tmp)
         except CheckpointError:
             self.last = previous_last
             raise
         return dest
 
     def _last_writer(self, tmp: Path, dest: Path, model, model_state, optimizer, scheduler, trainer_state: dict, asynchronous: bool):
-        """The main process's write of `last`: a function of `captured`, called once the tensors are written.
+        """The main process's write of `last`: a function of `captured`, called once the state is
+        taken, and of the `pause` of its writes (storage.write_tensors).
 
         Everything but the parameters and the optimizer's tensors is taken now: buffers (which a
         forward may update) are copied, the rest serialized. Those two change only in the
-        optimizer step, so an asynchronous save writes them from the live tensors while the next
-        forward and backward run, and `before_optimizer_step` holds the step until `captured`:
-        until their bytes are in the files (the OS page cache), well before the files are on disk.
-        No second copy of the state is ever held in memory.
+        optimizer step, so an asynchronous save copies them into its staging buffers on the
+        save thread while the next forward and backward run, and `before_optimizer_step` holds
+        the step until `captured`. The files are then written from the copies while training
+        goes on.
         """
         weights = self._weights_to_write(model_state, to_host=not asynchronous)
         skeleton, optimizer_tensors = storage.split_tensors(optimizer.state_dict(), to_host=not asynchronous)
+        live = set()
         if asynchronous:
-            parameters = {name for name, _ in self.accelerator.unwrap_model(model).named_parameters()}
-            for name in weights.keys() - parameters:
-                weights[name] = storage.host_tensor(weights[name], copy=True)
+            unwrapped = self.accelerator.unwrap_model(model)
+            parameters = {p.data_ptr() for p in unwrapped.parameters()}
+            buffers = {b.data_ptr() for b in unwrapped.buffers()}
+            # Parameters are copied on the save thread; a gathered copy (FSDP, ZeRO-3) is no live tensor.
+            live = {name for name, tensor in weights.items() if tensor.data_ptr() in parameters}
+            for name in weights.keys() - live:
+                weights[name] = storage.host_tensor(weights[name], copy=weights[name].data_ptr() in buffers)
         state = {**trainer_state, "scheduler": scheduler.state_dict(), "checkpoints": self.state_dict()}
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is not None:
             state["scaler"] = scaler.state_dict()
         state_text, index = storage.to_json(state), self._index()
 
-        def write(captured: Callable[[], None]) -> None:
-            checksums = {WEIGHTS: storage.write_tensors(tmp / WEIGHTS, weights, metadata={"format": "pt"})}
-            checksums |= storage.write_state(skeleton, optimizer_tensors, tmp, "optimizer")
+        def write(captured: Callable[[], None], pause: float | Callable[[], float]) -> None:
+            nonlocal optimizer_tensors
+            if asynchronous:
+                weights.update(self._staging.copy({name: weights[name] for name in live}, "model"))
+                optimizer_tensors = self._staging.copy(optimizer_tensors, "optimizer")
             captured()
+            checksums = {WEIGHTS: storage.write_tensors(tmp / WEIGHTS, weights, metadata={"format": "pt"}, pause=pause)}
+            checksums |= storage.write_state(skeleton, optimizer_tensors, tmp, "optimizer", pause=pause)
             (tmp / "state.json").write_text(state_text)
             # No read-back verify here: right after writing it would hash the page cache, not the
             # disk (0.2 s per 300 MB for nothing). Resume verifies every file against the manifest.
@@ -190,6 +207,10 @@ class Checkpointer:
         except CheckpointError as err:
             self.last = pending.previous_last
             raise err from pending.crash
+
+    def release_staging(self) -> None:
+        """Free the host buffers of asynchronous saves (after the last save of a run)."""
+        self._staging.release()
 
     def _on_main(self, action, dest: Path, cleanup: Path | None = None) -> None:
         """Run a write on the main process; every process learns whether it failed."""
@@ -393,38 +414,3 @@ def _what_is_intact(dest: Path) -> str:
     if dest.name == "last":  # a save of `last` writes over `previous` (storage.temporary_dir)
         return f"The earlier checkpoints and {INDEX} are intact, but for `previous`, which it was rewriting."
     return f"The earlier checkpoints and {INDEX} are intact."
-
-
-class PendingSave:
-    """A `last` save writing on a background thread (main process), or nothing to wait for (others)."""
-
-    def __init__(self, previous_last: Entry | None, attempt: Callable[[Callable[[], None]], str | None] | None,
-                 dest: Path, cleanup: Path):
-        self.previous_last, self.dest, self.cleanup = previous_last, dest, cleanup
-        self.captured = threading.Event()  # set once the optimizer step may change the saved tensors
-        self.crash: BaseException | None = None  # an error other than a failed write (a bug, out of memory)
-        self._error: str | None = None
-        self._thread = None
-        if attempt is None:
-            self.captured.set()
-        else:
-            # Not a daemon: an interpreter that exits mid-save first finishes the checkpoint.
-            self._thread = threading.Thread(target=self._run, args=(attempt,), name="checkpoint-save")
-            self._thread.start()
-
-    def _run(self, attempt: Callable[[Callable[[], None]], str | None]) -> None:
-        try:
-            self._error = attempt(self.captured.set)
-        except BaseException as err:  # reported like a failed write, with this as its cause
-            self.crash = err
-            shutil.rmtree(self.cleanup, ignore_errors=True)
-            self._error = (f"writing the checkpoint {self.dest} failed: {type(err).__name__}: {err}. "
-                           f"{_what_is_intact(self.dest)}")
-        finally:
-            self.captured.set()  # a failed write must not hold training
-
-    def result(self) -> str | None:
-        """Wait for the write; its error message (None when it succeeded)."""
-        if self._thread is not None:
-            self._thread.join()
-        return self._error

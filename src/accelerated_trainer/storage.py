@@ -12,15 +12,17 @@ import json
 import os
 import shutil
 import struct
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file
 
 MANIFEST = "manifest.json"
+PACED_PIECE = 8 << 20  # write_tensors writes (and pauses) piece by piece
 # torch dtypes by their safetensors names (the names of safetensors.torch._TYPES).
 SAFETENSORS_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -98,14 +100,17 @@ def save_state(state: Any, directory: Path, name: str) -> dict[str, str]:
     return write_state(*split_tensors(state), directory, name)
 
 
-def write_state(skeleton: Any, tensors: dict[str, torch.Tensor], directory: Path, name: str) -> dict[str, str]:
-    """Write what split_tensors returned as `{name}.json` plus `{name}.safetensors`; the checksum of the latter by file name."""
-    digest = write_tensors(directory / f"{name}.safetensors", tensors)
+def write_state(skeleton: Any, tensors: dict[str, torch.Tensor], directory: Path, name: str,
+                pause: float | Callable[[], float] = 0.0) -> dict[str, str]:
+    """Write what split_tensors returned as `{name}.json` plus `{name}.safetensors`; the checksum of
+    the latter by file name. `pause`: as for write_tensors."""
+    digest = write_tensors(directory / f"{name}.safetensors", tensors, pause=pause)
     write_json(directory / f"{name}.json", skeleton)
     return {f"{name}.safetensors": digest}
 
 
-def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                  pause: float | Callable[[], float] = 0.0) -> str:
     """Write tensors as one safetensors file, straight from their memory when they are contiguous
     on the CPU (else through a host copy per tensor); return its checksum.
 
@@ -114,7 +119,14 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
     bench/bench_checkpoint.py). The format is an 8-byte header length, a JSON header and the raw
     bytes; writing it here lets the checksum run on another core while the bytes go to the file.
     safetensors reads it (load_file, load_model), which tests/test_storage.py checks for every dtype.
+
+    The file goes in pieces of PACED_PIECE bytes. `pause` (a function is asked before each
+    piece): with 0, a piece is written flat out and summed on another core meanwhile; else one
+    thread writes and sums it, then sleeps `pause` times as long as that took. A background save
+    then leaves the memory bandwidth and the cores to training most of the time
+    (bench/bench_async_save.py).
     """
+    pace = pause if callable(pause) else (lambda: pause)
     header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for name, tensor in tensors.items():
@@ -125,19 +137,26 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
     text += b" " * (-len(text) % 8)  # as safetensors pads it: the data starts 8-byte aligned
 
     def chunks():
-        yield struct.pack("<Q", len(text)) + text
+        yield memoryview(struct.pack("<Q", len(text)) + text)
         for tensor in tensors.values():  # one at a time: a device tensor's host copy lives only while written
             yield memoryview(host_tensor(tensor).reshape(-1).view(torch.uint8).numpy())
 
     crc = 0
-    # Both the write and zlib.crc32 release the GIL: each chunk is summed while it is written.
     # No O_TRUNC: a recycled file (temporary_dir) is overwritten in place, then cut to length.
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
     with open(descriptor, "wb") as handle, ThreadPoolExecutor(max_workers=1, thread_name_prefix="crc32") as pool:
         for chunk in chunks():
-            summed = pool.submit(zlib.crc32, chunk, crc)
-            handle.write(chunk)
-            crc = summed.result()
+            for start in range(0, max(len(chunk), 1), PACED_PIECE):
+                piece, began = chunk[start:start + PACED_PIECE], time.perf_counter()
+                if factor := pace():
+                    handle.write(piece)
+                    crc = zlib.crc32(piece, crc)
+                    time.sleep(factor * (time.perf_counter() - began))
+                    continue
+                # Both the write and zlib.crc32 release the GIL: the piece is summed while it is written.
+                summed = pool.submit(zlib.crc32, piece, crc)
+                handle.write(piece)
+                crc = summed.result()
         handle.truncate()
     return _crc_text(crc)
 
@@ -147,12 +166,14 @@ def load_state(directory: Path, name: str) -> Any:
     return join_tensors(read_json(directory / f"{name}.json"), tensors)
 
 
-def to_json(data: Any) -> str:
-    return json.dumps(data, indent=2, sort_keys=False) + "\n"
+def to_json(data: Any, indent: int | None = 2) -> str:
+    """JSON text; `indent=None` is one line, from the json module's C encoder (indented text takes
+    its Python one: some ms for an RNG state of thousands of numbers)."""
+    return json.dumps(data, indent=indent, sort_keys=False) + "\n"
 
 
-def write_json(path: Path, data: Any) -> None:
-    path.write_text(to_json(data))
+def write_json(path: Path, data: Any, indent: int | None = 2) -> None:
+    path.write_text(to_json(data, indent))
 
 
 def read_json(path: Path) -> Any:

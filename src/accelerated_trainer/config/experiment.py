@@ -50,10 +50,11 @@ class ExperimentOptions(_Section):
     and keep training. Either way the earlier checkpoints and the index stay intact."""
     async_save: bool = True
     """Write `last` checkpoints on a background thread, so training does not wait for the disk.
-    The thread writes the weights and optimizer state into the files while the next forward and
-    backward run (the next optimizer step waits until they are written to the OS page cache, not
-    for the disk), then flushes and publishes them. No copy of the state is kept in memory; set
-    false to write on the training thread."""
+    The thread copies the weights and optimizer state into host buffers while the next forward
+    and backward run (the next optimizer step waits for that copy only), then writes, flushes
+    and publishes the files at a pace that leaves most of the memory bandwidth to training. The
+    buffers hold one copy of that state in host memory from the first save to the end of the
+    run; set false where host memory is short, to write on the training thread instead."""
     distributed_timeout_s: float = Field(600, gt=0)
     """How long a collective may wait for another process before the job fails (a dead or hung rank)."""
 

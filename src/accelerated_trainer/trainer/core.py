@@ -65,6 +65,7 @@ class AcceleratedTrainer(TrainerParts):
             self._close_after_failure(err)
             raise
         finally:
+            self.checkpointer.release_staging()  # nothing is in flight any more
             self.progress.close()
             self.stop_request.uninstall()
         return self._finish(stop_reason, time.perf_counter() - started)
