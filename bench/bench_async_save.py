@@ -1,9 +1,9 @@
 """Training step time while `last` checkpoints are written: asynchronous, synchronous, and no saves.
 
-    python bench/bench_async_save.py              # 25M parameters (300 MB with AdamW state), 5 rounds
+    python bench/bench_async_save.py              # 21M parameters (254 MB with AdamW state), 5 rounds
     python bench/bench_async_save.py --quick      # smoke run: a small model, one round
 
-The trainer trains an MLP (64 -> 2048 x 6 -> 10, 25.3M parameters; 304 MB of weights and AdamW
+The trainer trains an MLP (64 -> 2048 x 6 -> 10, 21.1M parameters; 254 MB of weights and AdamW
 state) on random data, batch 32, one torch thread, saving `last` every --every steps:
   none     save_every_n_steps off: the reference step time
   async    experiment_options.async_save true (the default)
@@ -11,12 +11,14 @@ state) on random data, batch 32, one torch thread, saving `last` every --every s
 
 A step is timed forward to forward (bench_step.py's MLP stamps its forward). A step "during a
 save" is one whose interval overlaps a save, from the call of save_last until checkpoints.json
-lists the new `last`; for sync that is the step that saves. Only saves started inside the
-timed window count; the untimed warm-up holds a run's first two saves, which write new files
-(from the third on, a save writes over the files of `previous`: the steady state). Reported: the median and the mean of those steps, and of all steps, against
-the `none` run's steps, all variants alternating in rounds within one process, after
---warmup-rounds untimed rounds (a fresh VM backs memory lazily: the first writes into page cache
-it never touched run several times slower, which a long training run pays once).
+lists the new `last`; for sync that is the step that saves. Only saves started inside the timed
+window count; the untimed warm-up holds a run's first two saves, which write new files (from
+the third on, a save writes over the files of `previous`: the steady state). Reported: the
+median and the mean of those steps, and of all steps, against the `none` runs' steps, and the
+median against the steps outside a save of the same runs (on a shared VM the machine's speed
+drifts from run to run; neighbouring steps share it). All variants alternate in rounds within
+one process, after --warmup-rounds untimed rounds (a fresh VM backs memory lazily: the first
+writes into page cache it never touched run several times slower, which a long run pays once).
 """
 
 from __future__ import annotations
@@ -111,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     windows = instrument()
     steps: dict[str, list[float]] = {name: [] for name in VARIANTS}
     during: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    outside: dict[str, list[float]] = {name: [] for name in VARIANTS}
     with tempfile.TemporaryDirectory(prefix="bench-async-") as tmp:
         for r, variant in rounds(list(VARIANTS), args.warmup_rounds + args.rounds):
             durations, flags = run(variant, args, data, Path(tmp), windows)
@@ -118,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             steps[variant] += durations
             during[variant] += [d for d, flag in zip(durations, flags) if flag]
+            outside[variant] += [d for d, flag in zip(durations, flags) if not flag]
 
     parameters = sum(p.numel() for p in MLP([64, *[args.width] * args.layers, 10]).parameters())
     print(f"\n### step time around `last` saves: MLP {parameters / 1e6:.1f}M parameters "
@@ -133,9 +137,11 @@ def main(argv: list[str] | None = None) -> int:
             if kind is None or not values:
                 continue
             median, mean = statistics.median(values), statistics.fmean(values)
+            # The same runs' steps outside a save: a reference that shares their machine's mood.
+            same = statistics.median(outside[name]) if name != "none" and kind != "all steps" and outside[name] else None
             out.append([label, kind, str(len(values)), f"{median * 1e3:.1f}", f"{median / reference:.2f}x",
-                        f"{mean * 1e3:.1f}", f"{mean / reference_mean:.2f}x"])
-    print(table(["variant", "steps", "n", "median ms", "vs none", "mean ms", "mean vs none"], out))
+                        f"{mean * 1e3:.1f}", f"{mean / reference_mean:.2f}x", f"{median / same:.2f}x" if same else "-"])
+    print(table(["variant", "steps", "n", "median ms", "vs none", "mean ms", "mean vs none", "vs outside a save"], out))
     return 0
 
 

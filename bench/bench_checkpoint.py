@@ -7,15 +7,15 @@ Variants, all writing the same tensors (weights, exp_avg, exp_avg_sq) into a fre
   raw           the tensors' bytes into one file, then fsync: what the disk allows
   safetensors   one safetensors file with every tensor (save_file), without and with fsync
   save_state    accelerator.save_state (safetensors weights, pickled optimizer, RNG; no fsync)
-  save_last     this package's Checkpointer.save_last: files, fsync (overlapped with the sha256
-                of each file for the manifest), rename into place; from the second save on it also
-                moves the old `last` to `previous` and deletes the one before, as in training
-  async-stall   the same with asynchronous=True: only the call (buffers copied, the rest handed
-                to the background thread); the write then finishes untimed. What the training
-                step waits for is measured by bench/bench_async_save.py
+  save_last     this package's Checkpointer.save_last: files (each piece's CRC32 for the manifest
+                summed while it is written), fsync, rename into place; from the third save on it
+                writes over the files of the old `previous`, as in training
+  async-stall   the same with asynchronous=True: only the call (module buffers copied, the rest
+                handed to the background thread); the write then finishes untimed. What the
+                training step waits for is measured by bench/bench_async_save.py
   async-durable the same with asynchronous=True, timed until the new `last` is renamed into
-                place and checkpoints.json lists it (the background thread then deletes the
-                checkpoint before `previous`, untimed)
+                place and checkpoints.json lists it: the host copy and the write. The bench
+                waits for it at once, so it is written flat out, not paced as in training
 MB/s is the tensor payload (the raw variant's bytes) over the seconds, whatever the format adds.
 Each timed save starts after os.sync(), so no variant pays for another's dirty pages, and
 writes next to its previous output, deleted only afterwards, as save_last's `last` is.
