@@ -45,3 +45,27 @@ def test_sequence_classifier_from_a_local_config_trains_on_named_inputs(tmp_path
         logits = model(input_ids=validation["input_ids"], attention_mask=validation["attention_mask"]).logits
     assert validation["input_ids"].dtype == torch.int64
     assert result.metrics["val_loss"] == pytest.approx(nn.functional.cross_entropy(logits, validation["labels"]).item(), rel=1e-4)
+
+
+def test_causal_lm_on_packed_text_learns_the_next_token_not_the_one_after(tmp_path):
+    """Packed text already shifts its labels by one; a transformers causal LM that got them would
+    shift them again and learn the token after next. Its logits are scored against them instead."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    (tmp_path / "cycle.txt").write_text("abcdefg" * 300)  # period 7: the next token is certain
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=7, n_positions=8, n_embd=32, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0))
+    config = digits_config(tmp_path, dataset_options={"data_files": {"train": str(tmp_path / "cycle.txt")}, "feature_columns": [], "label_column": "labels",
+                                                      "text": {"tokenizer": "char", "block_size": 8}, "validation_split": 0.2,
+                                                      "batch_size": 16},
+                           training_options={"task": "language_modeling", "n_epochs": 6, "monitor": "val_loss", "loss_function": None,
+                                             "optimizer": {"name": "AdamW", "lr": 0.01}, "scheduler": "constant", "save_top_k": 0})
+    trainer = AcceleratedTrainer(model, config)
+    result = trainer.train()
+
+    assert result.metrics["val_accuracy"] > 0.95, result.metrics
+    blocks = trainer.eval_loader.dataset.take(list(range(8)))  # token ids come as the first argument, `features`
+    model.eval()
+    with torch.no_grad():
+        logits = model(blocks["features"]).logits
+    assert torch.equal(logits.argmax(-1), blocks["labels"]), "position i predicts token i + 1"

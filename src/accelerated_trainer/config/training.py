@@ -68,7 +68,8 @@ class TrainingOptions(_Section):
     loss_function: LossOptions | None = None
     """A torch.nn loss by name (string or {"name", "kwargs"}). Default: CrossEntropyLoss for
     classification and language_modeling, MSELoss for regression. A model that returns its own loss
-    (HF ModelOutput.loss or a dict with "loss") uses that instead."""
+    (HF ModelOutput.loss or a dict with "loss") uses that instead; on packed text
+    (dataset_options.text) a model is never given the labels, which are already shifted."""
     optimizer: OptimizerOptions = Field(default_factory=OptimizerOptions)
     """Optimizer by name, with lr and weight decay."""
     scheduler: SchedulerOptions = Field(default_factory=SchedulerOptions)

@@ -75,8 +75,10 @@ class TrainerParts:
         else:
             self.config.model_options = None  # the model given wins; config.json must not claim another
         # HF models (and any forward with `labels`) compute their own loss when given the labels.
+        # Not packed text's: its labels are already the next tokens, and a causal LM shifts them
+        # again (it would learn the token after next); its logits are scored against them here.
         # Read before `prepare`: a DDP wrapper's forward takes only *args, **kwargs.
-        pass_labels = "labels" in inspect.signature(model.forward).parameters
+        pass_labels = "labels" in inspect.signature(model.forward).parameters and self.config.dataset_options.text is None
         self.loss_fn = build_loss(training.loss_function, training.task)
         optimizer = build_optimizer(training.optimizer, model)
         if isinstance(self.train_loader, data.InProcessLoader):
