@@ -177,9 +177,6 @@ def tracked_runs(tmp_path_factory):
         run_dir = first.run_dir
         first_rows = metric_rows(run_dir)
         first_run_id = json.loads((run_dir / "last" / "state.json").read_text())["run_id"]
-        # wandb names an offline run's directory offline-run-{second}-{id}: a resume that starts in
-        # the same second as the first run would write into the first run's directory.
-        time.sleep(1.1)
         resumed = AcceleratedTrainer(None, digits_config(root, training_options={"n_epochs": 3},
                                                          experiment_options={**experiment, "resume": True})).train()
         # run.finish() can return before wandb-core has flushed the log to disk; teardown waits for it.
@@ -239,3 +236,15 @@ def test_resume_continues_the_same_wandb_run(tracked_runs):
     history = {**first, **resumed}
     for key in ("train_loss", "val_accuracy"):
         assert {step: history[step][key] for step in logged(rows, key)} == pytest.approx(logged(rows, key), rel=1e-9)
+
+
+def test_an_offline_resume_starts_in_a_second_of_its_own(tmp_path):
+    """wandb names an offline run's directory by the second it starts: a resume within the same
+    second would write into the directory of the run it continues."""
+    from accelerated_trainer.tracking import wait_past_offline_runs
+
+    started = time.strftime("%Y%m%d_%H%M%S")
+    (tmp_path / f"offline-run-{started}-abc123").mkdir()
+    wait_past_offline_runs(tmp_path, "other")
+    wait_past_offline_runs(tmp_path, "abc123")
+    assert time.strftime("%Y%m%d_%H%M%S") != started

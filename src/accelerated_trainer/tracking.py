@@ -11,6 +11,7 @@ import math
 import netrc
 import os
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,8 @@ class Tracker:
 
     def _start_trackers(self, project: str, init: dict) -> None:
         try:
+            if self.mode == "offline":
+                wait_past_offline_runs(self.run_dir / "wandb", self.run_id)
             self.accelerator.init_trackers(project, init_kwargs=init)
             for tracker in self.accelerator.trackers:
                 # TensorBoard's hparams take flat scalars only; W&B shows the nested sections.
@@ -167,6 +170,16 @@ class Tracker:
         if self._metrics_file:
             self._metrics_file.close()
             self._metrics_file = None
+
+
+def wait_past_offline_runs(wandb_dir: Path, run_id: str) -> None:
+    """Return in a second that names no offline W&B run of `run_id` yet.
+
+    wandb names an offline run's directory offline-run-{the second it started}-{id}: a resume
+    that starts within the second of the run it continues would write into that run's directory.
+    """
+    while (wandb_dir / f"offline-run-{time.strftime('%Y%m%d_%H%M%S')}-{run_id}").exists():
+        time.sleep(1.0 - time.time() % 1.0 + 0.01)
 
 
 def _item(value: Any) -> Any:
