@@ -297,17 +297,6 @@ def test_publish_keeps_the_old_directory_as_previous(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last", "previous"]
 
 
-def test_publish_can_leave_the_deletion_of_the_oldest_to_the_caller(tmp_path):
-    dest, previous = tmp_path / "last", tmp_path / "previous"
-    sealed_dir(dest, 2)
-    sealed_dir(previous, 1)
-    retired = storage.publish(sealed_dir(tmp_path / ".last.tmp", 3), dest, keep_previous=previous, delete=False)
-    assert (step_of(dest), step_of(previous)) == (3, 2)
-    assert [path.name for path in retired] == [".last.trash-previous"] and step_of(retired[0]) == 1
-    storage.discard(retired)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last", "previous"]
-
-
 def test_publish_without_keep_previous_replaces_dest(tmp_path):
     dest = tmp_path / "best"
     sealed_dir(dest, 1)

@@ -175,9 +175,8 @@ class Checkpointer:
             # No read-back verify here: right after writing it would hash the page cache, not the
             # disk (0.2 s per 300 MB for nothing). Resume verifies every file against the manifest.
             storage.seal(tmp, checksums)
-            retired = storage.publish(tmp, dest, keep_previous=self.run_dir / "previous", delete=False)
+            storage.publish(tmp, dest, keep_previous=self.run_dir / "previous")
             storage.atomic_write_json(self.run_dir / INDEX, index)
-            storage.discard(retired)  # an older checkpoint left by a crash, once the new one is recorded
 
         return write
 

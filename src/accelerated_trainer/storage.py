@@ -247,16 +247,12 @@ def verify(directory: Path) -> str | None:
     return None
 
 
-def publish(tmp: Path, dest: Path, keep_previous: Path | None = None, delete: bool = True) -> list[Path]:
+def publish(tmp: Path, dest: Path, keep_previous: Path | None = None) -> None:
     """Rename a sealed `tmp` to `dest`. The old `dest` goes to `keep_previous` (replacing the one
-    there) or is deleted, but only once the new directory is in place.
-
-    With `delete` false, what is to be deleted is returned instead, for `discard` once the
-    caller has recorded the new directory (deleting 300 MB takes the disk about 0.1 s).
-    """
+    there) or is deleted, but only once the new directory is in place."""
     trash = dest.with_name(f".{dest.name}.trash")
     retired = [trash, trash.with_name(trash.name + "-previous")]
-    discard(retired)  # leftovers from a crash mid-cleanup
+    _discard(retired)  # leftovers from a crash mid-cleanup
     if dest.exists():
         if keep_previous is not None:
             if keep_previous.exists():
@@ -266,13 +262,10 @@ def publish(tmp: Path, dest: Path, keep_previous: Path | None = None, delete: bo
             dest.rename(trash)
     tmp.rename(dest)
     _fsync(dest.parent)
-    if delete:
-        discard(retired)
-        return []
-    return [path for path in retired if path.exists()]
+    _discard(retired)
 
 
-def discard(directories: list[Path]) -> None:
+def _discard(directories: list[Path]) -> None:
     """Delete directories that publish set aside (no longer checkpoints: they are renamed out of the way)."""
     for directory in directories:
         if directory.exists():

@@ -57,14 +57,14 @@ if int(os.environ.get("RANK", "0")) == int(os.environ.get("CRASH_RANK", "0")):
     elif point == "publish":
         publish = storage.publish
 
-        def _publish(tmp, dest, keep_previous=None, delete=True):
+        def _publish(tmp, dest, keep_previous=None):
             if is_nth_last_save(dest) and keep_previous is not None and dest.exists():
                 # The first half of publish(): previous set aside, last moved to previous.
                 if keep_previous.exists():
                     keep_previous.rename(dest.with_name(f".{dest.name}.trash-previous"))
                 dest.rename(keep_previous)
                 die()
-            return publish(tmp, dest, keep_previous, delete)
+            return publish(tmp, dest, keep_previous)
 
         storage.publish = _publish
     else:
