@@ -39,11 +39,11 @@ VARIANTS = {"none": "no checkpoint in the window", "async": "async_save true (de
 
 def instrument() -> list[tuple[float, float]]:
     """Save windows (call of save_last, checkpoints.json rewritten), in order."""
-    from accelerated_trainer import storage
+    from accelerated_trainer.checkpoint import files
     from accelerated_trainer.checkpoint import Checkpointer
 
     windows: list[list[float]] = []
-    save_last, atomic_write_json = Checkpointer.save_last, storage.atomic_write_json
+    save_last, atomic_write_json = Checkpointer.save_last, files.atomic_write_json
 
     def timed_save_last(self, *args, **kwargs):
         windows.append([time.perf_counter(), float("nan")])
@@ -54,7 +54,7 @@ def instrument() -> list[tuple[float, float]]:
         if path.name == "checkpoints.json" and windows and windows[-1][1] != windows[-1][1]:
             windows[-1][1] = time.perf_counter()
 
-    Checkpointer.save_last, storage.atomic_write_json = timed_save_last, timed_index
+    Checkpointer.save_last, files.atomic_write_json = timed_save_last, timed_index
     return windows
 
 

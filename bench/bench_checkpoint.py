@@ -118,15 +118,15 @@ LAST = ("save_last", "async-stall", "async-durable")  # these write the run's `l
 
 def record_index_writes() -> list[float]:
     """Times at which checkpoints.json is rewritten: the moment a save is complete and recorded."""
-    from accelerated_trainer import storage
+    from accelerated_trainer.checkpoint import files
 
-    stamps, write = [], storage.atomic_write_json
+    stamps, write = [], files.atomic_write_json
 
     def atomic_write_json(path, data):
         write(path, data)
         stamps.append(time.perf_counter())
 
-    storage.atomic_write_json = atomic_write_json
+    files.atomic_write_json = atomic_write_json
     return stamps
 
 

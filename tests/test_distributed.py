@@ -56,7 +56,7 @@ def test_a_multi_process_run_leaves_without_the_interpreter_teardown(tmp_path):
     result = launch_two_processes(tmp_path, "training_options.n_epochs=1", script="tests/helpers/exit_after_run.py")
     assert result.returncode == 0, result.stderr[-4000:]
     assert "run finished" in result.stdout and "interpreter teardown ran" not in result.stdout
-    from accelerated_trainer.storage import verify
+    from accelerated_trainer.checkpoint.files import verify
 
     assert verify(tmp_path / "digits-mlp" / "last") is None
 

@@ -218,24 +218,24 @@ def test_async_save_lets_training_go_on_while_last_is_written(tmp_path, monkeypa
     when the training thread does not wait for the disk. The result is the synchronous run's."""
     import threading
 
-    from accelerated_trainer import storage
+    from accelerated_trainer.checkpoint import files
 
     later_step, held = threading.Event(), []
-    real_seal = storage.seal
+    real_seal = files.seal
 
     def seal(directory, checksums=None):
         if directory.name == ".last.tmp" and not held:
             held.append(later_step.wait(timeout=60))
         real_seal(directory, checksums)
 
-    monkeypatch.setattr(storage, "seal", seal)
+    monkeypatch.setattr(files, "seal", seal)
     trainer = AcceleratedTrainer(None, digits_config(tmp_path, experiment_options={"title": "async"}))
     trainer.model.register_forward_pre_hook(lambda module, args: later_step.set() if trainer.state.step >= 30 else None)
     result = trainer.train()
     assert held == [True], "the first save waited for a step of the next epoch"
-    assert storage.verify(result.run_dir / "last") is None and storage.verify(result.run_dir / "previous") is None
+    assert files.verify(result.run_dir / "last") is None and files.verify(result.run_dir / "previous") is None
 
-    monkeypatch.setattr(storage, "seal", real_seal)
+    monkeypatch.setattr(files, "seal", real_seal)
     sync = AcceleratedTrainer(None, digits_config(tmp_path, experiment_options={"title": "sync", "async_save": False})).train()
     for name in ("last", "previous", "best"):
         written, expected = (load_file(run.run_dir / name / "model.safetensors") for run in (result, sync))

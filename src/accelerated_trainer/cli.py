@@ -120,7 +120,7 @@ def _run(argv: list[str] | None) -> int:
     except Exception as err:
         # Imported here: importing torch would make config errors take seconds instead of milliseconds.
         from .data import DataError
-        from .storage import CheckpointError
+        from .checkpoint import CheckpointError
         from .trainer import NonFiniteLossError
 
         if isinstance(err, DataError):

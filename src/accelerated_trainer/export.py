@@ -14,7 +14,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from . import storage
+from .checkpoint import files
 from .checkpoint import WEIGHTS
 from .config import ConfigError, TrainerConfig
 
@@ -29,15 +29,15 @@ def export_model(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "be
     source = run_dir / checkpoint
     if not (source / WEIGHTS).is_file():
         raise ConfigError(f"export: {source} holds no {WEIGHTS}; choose best, last or a top/... entry of {run_dir / 'checkpoints.json'}.")
-    if reason := storage.verify(source):
+    if reason := files.verify(source):
         raise ConfigError(f"export: {source} does not verify ({reason}); export another checkpoint.")
-    tmp = storage.temporary_dir(out_dir)
+    tmp = files.temporary_dir(out_dir)
     shutil.copy2(source / WEIGHTS, tmp / WEIGHTS)
     shutil.copy2(run_dir / "config.json", tmp / "config.json")
-    meta = storage.read_json(source / "meta.json") if (source / "meta.json").is_file() else storage.read_json(source / "state.json")
-    storage.write_json(tmp / "meta.json", {"source": str(source), **{k: meta.get(k) for k in ("epoch", "step", "monitor", "value", "metrics")}})
-    storage.seal(tmp)
-    storage.publish(tmp, out_dir)
+    meta = files.read_json(source / "meta.json") if (source / "meta.json").is_file() else files.read_json(source / "state.json")
+    files.write_json(tmp / "meta.json", {"source": str(source), **{k: meta.get(k) for k in ("epoch", "step", "monitor", "value", "metrics")}})
+    files.seal(tmp)
+    files.publish(tmp, out_dir)
     return out_dir
 
 
@@ -48,10 +48,10 @@ def load_exported(directory: str | Path, model=None):
     from .models import build_model
 
     directory = Path(directory)
-    if reason := storage.verify(directory):
+    if reason := files.verify(directory):
         raise ConfigError(f"{directory} is not a complete export: {reason}.")
     if model is None:
-        config = TrainerConfig.model_validate(storage.read_json(directory / "config.json"))
+        config = TrainerConfig.model_validate(files.read_json(directory / "config.json"))
         if config.model_options is None:
             raise ConfigError(f"{directory}: the run was trained from the Python API; pass the model: load_exported(dir, model=MyModel(...)).")
         model = build_model(config.model_options)

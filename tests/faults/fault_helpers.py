@@ -7,7 +7,7 @@ import pytest
 
 
 from accelerated_trainer import AcceleratedTrainer
-from accelerated_trainer.storage import verify
+from accelerated_trainer.checkpoint.files import verify
 
 from conftest import digits_config
 

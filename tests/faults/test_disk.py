@@ -5,15 +5,16 @@ import json
 
 import pytest
 
-from accelerated_trainer import AcceleratedTrainer, checkpoint, storage
-from accelerated_trainer.storage import CheckpointError, verify
+from accelerated_trainer import AcceleratedTrainer, checkpoint
+from accelerated_trainer.checkpoint import tensors
+from accelerated_trainer.checkpoint.files import CheckpointError, verify
 
 from conftest import digits_config
 
 
 def fail_on_write(monkeypatch, nth, error):
     """Make the nth weights file write (any checkpoint) fail with `error`."""
-    real = storage.write_tensors
+    real = tensors.write_tensors
     calls = {"n": 0}
 
     def write_tensors(path, *args, **kwargs):
@@ -22,7 +23,7 @@ def fail_on_write(monkeypatch, nth, error):
             raise error
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(storage, "write_tensors", write_tensors)
+    monkeypatch.setattr(tensors, "write_tensors", write_tensors)
 
 
 def index_matches_disk(run_dir):

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from accelerated_trainer import AcceleratedTrainer
-from accelerated_trainer.storage import verify
+from accelerated_trainer.checkpoint.files import verify
 from accelerated_trainer.trainer import NonFiniteLossError
 
 from conftest import digits_config

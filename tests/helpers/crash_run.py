@@ -15,7 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
-from accelerated_trainer import cli, storage  # noqa: E402
+from accelerated_trainer import cli  # noqa: E402
+from accelerated_trainer.checkpoint import files  # noqa: E402
 from accelerated_trainer.trainer import AcceleratedTrainer  # noqa: E402
 
 point, _, nth = os.environ["CRASH_AT"].partition(":")
@@ -46,16 +47,16 @@ if int(os.environ.get("RANK", "0")) == int(os.environ.get("CRASH_RANK", "0")):
 
         AcceleratedTrainer._after_optimizer_step = _after_optimizer_step
     elif point == "seal":
-        seal = storage.seal
+        seal = files.seal
 
         def _seal(directory, checksums=None):
             if is_nth_last_save(directory):
                 die()
             return seal(directory, checksums)
 
-        storage.seal = _seal
+        files.seal = _seal
     elif point == "publish":
-        publish = storage.publish
+        publish = files.publish
 
         def _publish(tmp, dest, keep_previous=None):
             if is_nth_last_save(dest) and keep_previous is not None and dest.exists():
@@ -66,7 +67,7 @@ if int(os.environ.get("RANK", "0")) == int(os.environ.get("CRASH_RANK", "0")):
                 die()
             return publish(tmp, dest, keep_previous)
 
-        storage.publish = _publish
+        files.publish = _publish
     else:
         raise SystemExit(f"unknown CRASH_AT {point!r}")
 

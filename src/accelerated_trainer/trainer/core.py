@@ -13,11 +13,11 @@ from typing import Any, Callable
 
 import torch
 
-from .. import storage
+from ..checkpoint import files
 from ..config import TrainerConfig, load_config
 from ..metrics import ValidationMetrics
 from ..preemption import StopRequest
-from ..storage import CheckpointError
+from ..checkpoint import CheckpointError
 from ..tracking import Progress
 from . import resume
 from .build import TrainerParts
@@ -76,7 +76,7 @@ class AcceleratedTrainer(TrainerParts):
         # Written only once the run can start: a refused resume leaves the directory as it was.
         if self.accelerator.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            storage.atomic_write_json(self.run_dir / "config.json", self.config.model_dump(mode="json"))
+            files.atomic_write_json(self.run_dir / "config.json", self.config.model_dump(mode="json"))
         self.tracker.start(self.state.run_id, step=self.state.step)
         self.state.run_id = self.tracker.run_id
         training = self.config.training_options

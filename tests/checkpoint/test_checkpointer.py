@@ -1,4 +1,4 @@
-"""checkpoint.py: the top-k decision, and the last/previous/best/top layout written through a real Accelerator."""
+"""checkpoint/checkpointer.py: the top-k decision, and the last/previous/best/top layout written through a real Accelerator."""
 
 import math
 import random
@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from accelerated_trainer import storage
+from accelerated_trainer.checkpoint import files, tensors
 from accelerated_trainer.checkpoint import INDEX, WEIGHTS, Checkpointer, Entry, select_top_k
 
 NAN = float("nan")
@@ -88,7 +88,7 @@ def assert_weights_equal(actual: dict, expected: dict):
 
 
 def read_index(run_dir):
-    return storage.read_json(run_dir / INDEX)
+    return files.read_json(run_dir / INDEX)
 
 
 def test_maybe_save_top_keeps_top_k_and_best_in_step_with_the_index(tmp_path, accelerator):
@@ -115,17 +115,17 @@ def test_maybe_save_top_keeps_top_k_and_best_in_step_with_the_index(tmp_path, ac
         assert set((run_dir / "top").iterdir()) == listed  # no leftover, temporary or evicted directory
         for entry in index["top_k"]:
             top = run_dir / entry["path"]
-            assert storage.verify(top) is None
-            meta = storage.read_json(top / "meta.json")
+            assert files.verify(top) is None
+            meta = files.read_json(top / "meta.json")
             assert meta["value"] == entry["value"] and meta["step"] == entry["step"]
             assert_weights_equal(load_file(top / WEIGHTS), snapshots[values.index(entry["value"])])
 
-        best_meta = storage.read_json(run_dir / "best" / "meta.json")
+        best_meta = files.read_json(run_dir / "best" / "meta.json")
         assert best_meta["value"] == min(values[: call + 1])
         assert (best_meta["epoch"], best_meta["step"], best_meta["path"]) == (best_call, 100 * best_call, "best")
         assert best_meta["monitor"] == "val_loss" and best_meta["metrics"] == {"val_loss": values[best_call]}
         assert index["best"] == {"path": "best", "epoch": best_call, "step": 100 * best_call, "value": values[best_call]}
-        assert storage.verify(run_dir / "best") is None
+        assert files.verify(run_dir / "best") is None
         assert_weights_equal(load_file(run_dir / "best" / WEIGHTS), snapshots[best_call])
 
     assert sorted(p.name for p in run_dir.iterdir()) == ["best", INDEX, "top"]
@@ -140,7 +140,7 @@ def test_maybe_save_top_with_k_zero_still_keeps_best(tmp_path, accelerator):
     assert not checkpointer.maybe_save_top(model, NAN, epoch=2, step=3, metrics={})
     assert read_index(run_dir)["top_k"] == []
     assert not (run_dir / "top").exists()
-    assert storage.read_json(run_dir / "best" / "meta.json")["value"] == 0.5
+    assert files.read_json(run_dir / "best" / "meta.json")["value"] == 0.5
 
 
 def trained(seed=0, steps=3):
@@ -157,7 +157,7 @@ def trained(seed=0, steps=3):
 
 
 def state_step(directory):
-    return storage.read_json(directory / "state.json")["step"]
+    return files.read_json(directory / "state.json")["step"]
 
 
 def test_save_last_twice_rotates_last_into_previous(tmp_path, accelerator):
@@ -170,18 +170,18 @@ def test_save_last_twice_rotates_last_into_previous(tmp_path, accelerator):
     checkpointer.save_last(model, optimizer, scheduler, {"step": 20, "epoch": 2})
 
     assert (state_step(run_dir / "last"), state_step(run_dir / "previous")) == (20, 10)
-    assert storage.verify(run_dir / "last") is None and storage.verify(run_dir / "previous") is None
+    assert files.verify(run_dir / "last") is None and files.verify(run_dir / "previous") is None
     assert read_index(run_dir)["last"] == {"path": "last", "epoch": 2, "step": 20, "value": None}
     assert sorted(p.name for p in run_dir.iterdir()) == [INDEX, "last", "previous"]
     names = {p.name for p in (run_dir / "last").iterdir()}
-    assert names == {WEIGHTS, "optimizer.json", "optimizer.safetensors", "state.json", "rng-rank0.json", storage.MANIFEST}
+    assert names == {WEIGHTS, "optimizer.json", "optimizer.safetensors", "state.json", "rng-rank0.json", files.MANIFEST}
 
     # The third save writes over the first one's files (then `previous`) in place.
     first = {name: (run_dir / "previous" / name).stat().st_ino for name in (WEIGHTS, "optimizer.safetensors")}
     checkpointer.save_last(model, optimizer, scheduler, {"step": 30, "epoch": 3})
     assert (state_step(run_dir / "last"), state_step(run_dir / "previous")) == (30, 20)
     assert {name: (run_dir / "last" / name).stat().st_ino for name in first} == first
-    assert storage.verify(run_dir / "last") is None and storage.verify(run_dir / "previous") is None
+    assert files.verify(run_dir / "last") is None and files.verify(run_dir / "previous") is None
     assert sorted(p.name for p in run_dir.iterdir()) == [INDEX, "last", "previous"]
 
 
@@ -300,7 +300,7 @@ def test_load_rejects_weights_that_do_not_fit(tmp_path, accelerator, layers):
     checkpointer.save_last(model, optimizer, scheduler, {"step": 1, "epoch": 0})
     other = nn.Sequential(*layers)
     other_optimizer = torch.optim.AdamW(other.parameters())
-    with pytest.raises(storage.CheckpointError, match="does not fit the model"):
+    with pytest.raises(files.CheckpointError, match="does not fit the model"):
         checkpointer.load(run_dir / "last", other, other_optimizer, LambdaLR(other_optimizer, lambda s: 1.0))
 
 
@@ -356,8 +356,8 @@ def test_async_save_writes_the_state_as_it_was_when_asked(tmp_path, accelerator,
     model, optimizer, scheduler = trained()
     saved_weights, saved_optimizer = weights_of(model), optimizer_tensors(optimizer)
     may_write = __import__("threading").Event()
-    real_seal = storage.seal
-    monkeypatch.setattr(storage, "seal", lambda directory, checksums=None: (may_write.wait(timeout=30), real_seal(directory, checksums)))
+    real_seal = files.seal
+    monkeypatch.setattr(files, "seal", lambda directory, checksums=None: (may_write.wait(timeout=30), real_seal(directory, checksums)))
 
     checkpointer.save_last(model, optimizer, scheduler, {"step": 3, "epoch": 0}, asynchronous=True)
     assert checkpointer.last.step == 3
@@ -371,7 +371,7 @@ def test_async_save_writes_the_state_as_it_was_when_asked(tmp_path, accelerator,
     may_write.set()
     checkpointer.wait()
 
-    assert storage.verify(run_dir / "last") is None
+    assert files.verify(run_dir / "last") is None
     assert_weights_equal(load_file(run_dir / "last" / WEIGHTS), saved_weights)
     fresh, fresh_optimizer, fresh_scheduler = trained(seed=1, steps=1)
     checkpointer.load(run_dir / "last", fresh, fresh_optimizer, fresh_scheduler)
@@ -390,14 +390,14 @@ def test_async_save_failure_is_reported_by_wait_and_keeps_the_earlier_last(tmp_p
     def fail(directory, checksums=None):
         raise error
 
-    monkeypatch.setattr(storage, "seal", fail)
+    monkeypatch.setattr(files, "seal", fail)
     checkpointer.save_last(model, optimizer, scheduler, {"step": 6, "epoch": 1}, asynchronous=True)
-    with pytest.raises(storage.CheckpointError, match=r"last.*failed") as raised:
+    with pytest.raises(files.CheckpointError, match=r"last.*failed") as raised:
         checkpointer.wait()
     if not isinstance(error, OSError):
         assert raised.value.__cause__ is error
     assert checkpointer.last.step == 3
-    assert state_step(run_dir / "last") == 3 and storage.verify(run_dir / "last") is None
+    assert state_step(run_dir / "last") == 3 and files.verify(run_dir / "last") is None
     assert read_index(run_dir)["last"]["step"] == 3
     assert not (run_dir / ".last.tmp").exists()
     checkpointer.wait()  # reported once
@@ -441,13 +441,13 @@ def test_async_save_releases_the_optimizer_step_before_the_files_are_written(tmp
     model, optimizer, scheduler = trained()
     saved_weights, saved_optimizer = weights_of(model), optimizer_tensors(optimizer)
     may_write = __import__("threading").Event()
-    real_write = storage.write_tensors
+    real_write = tensors.write_tensors
 
     def held_write(*args, **kwargs):
         assert may_write.wait(timeout=30)
         return real_write(*args, **kwargs)
 
-    monkeypatch.setattr(storage, "write_tensors", held_write)
+    monkeypatch.setattr(tensors, "write_tensors", held_write)
     checkpointer.save_last(model, optimizer, scheduler, {"step": 3, "epoch": 0}, asynchronous=True)
     model(torch.randn(6, 4)).pow(2).mean().backward()
     checkpointer.before_optimizer_step()  # returns although not one byte is written

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from accelerated_trainer.async_save import WRITE_PAUSE, PendingSave, Staging
+from accelerated_trainer.checkpoint.async_writer import WRITE_PAUSE, PendingSave, Staging
 
 
 def test_staging_copies_into_buffers_it_keeps_from_save_to_save():

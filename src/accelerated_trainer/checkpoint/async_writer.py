@@ -59,7 +59,7 @@ class PendingSave:
 
     `attempt(captured, pause)` does the save and returns its error message (None on success); it
     calls `captured()` once the optimizer step may change the live tensors, and `pause()` for
-    the pause factor of its writes (storage.write_tensors): WRITE_PAUSE for the first
+    the pause factor of its writes (tensors.write_tensors): WRITE_PAUSE for the first
     `pace_for` seconds, then 0, and 0 as soon as someone waits for the result.
     """
 

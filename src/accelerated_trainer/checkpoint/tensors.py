@@ -1,16 +1,13 @@
-"""Pickle-free state files and crash-consistent checkpoint directories.
+"""Pickle-free tensor files: nested state split into a JSON skeleton and safetensors, and the
+safetensors writer that checksums while it writes.
 
 Tensors go to safetensors, everything else to JSON: loading a checkpoint never runs code.
-A checkpoint directory is written under a temporary name, fsynced, given a manifest of every
-file's size and CRC32, and only then renamed into place.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 import struct
 import time
 import zlib
@@ -21,7 +18,8 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file
 
-MANIFEST = "manifest.json"
+from .files import CheckpointError, crc_text, read_json, write_json
+
 PACED_PIECE = 8 << 20  # write_tensors writes (and pauses) piece by piece
 # torch dtypes by their safetensors names (the names of safetensors.torch._TYPES).
 SAFETENSORS_DTYPES = {
@@ -30,13 +28,6 @@ SAFETENSORS_DTYPES = {
     torch.bool: "BOOL", torch.complex64: "C64", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
     torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
 }
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be written or read back as a whole."""
-
-
-# ---------------------------------------------------------------- pickle-free nested state
 
 
 def split_tensors(state: Any, prefix: str = "", to_host: bool = True) -> tuple[Any, dict[str, torch.Tensor]]:
@@ -158,161 +149,9 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
                 handle.write(piece)
                 crc = summed.result()
         handle.truncate()
-    return _crc_text(crc)
+    return crc_text(crc)
 
 
 def load_state(directory: Path, name: str) -> Any:
     tensors = load_file(str(directory / f"{name}.safetensors"), device="cpu")
     return join_tensors(read_json(directory / f"{name}.json"), tensors)
-
-
-def to_json(data: Any, indent: int | None = 2) -> str:
-    """JSON text; `indent=None` is one line, from the json module's C encoder (indented text takes
-    its Python one: some ms for an RNG state of thousands of numbers)."""
-    return json.dumps(data, indent=indent, sort_keys=False) + "\n"
-
-
-def write_json(path: Path, data: Any, indent: int | None = 2) -> None:
-    path.write_text(to_json(data, indent))
-
-
-def read_json(path: Path) -> Any:
-    return json.loads(path.read_text())
-
-
-# ---------------------------------------------------------------- crash-consistent directories
-
-
-def temporary_dir(dest: Path, recycle: Path | None = None, keep: tuple[str, ...] = ()) -> Path:
-    """A sibling of `dest` to write into; any leftover from a crashed save is removed.
-
-    With `recycle`, an older checkpoint directory becomes it: unsealed first (so it never again
-    passes for a checkpoint), emptied but for the files named in `keep`, renamed. Those files
-    are then overwritten in place (write_tensors): no blocks are freed and allocated again, and
-    their pages are often still cached, which on the machine of bench/bench_async_save.py makes
-    the write several times faster than into new files. Else the directory is new and empty.
-    """
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    if recycle is not None and (recycle / MANIFEST).is_file():
-        (recycle / MANIFEST).unlink()
-        _fsync(recycle)
-        for path in recycle.iterdir():
-            if path.name not in keep or not path.is_file():
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
-        recycle.rename(tmp)
-    else:
-        tmp.mkdir(parents=True)
-    return tmp
-
-
-def seal(directory: Path, checksums: dict[str, str] | None = None) -> None:
-    """Record every file's size and CRC32 in the manifest, and fsync files, manifest and directory.
-
-    `checksums`: those of files summed while written (write_tensors), by file name.
-    """
-    checksums = checksums or {}
-    paths = sorted(p for p in directory.iterdir() if p.is_file() and p.name != MANIFEST)
-    # The disk flushes while the CPU sums what is left: both release the GIL.
-    with ThreadPoolExecutor(max_workers=max(len(paths), 1), thread_name_prefix="fsync") as pool:
-        flushed = [pool.submit(_fsync, path) for path in paths]
-        files = {path.name: {"size": path.stat().st_size, "crc32": checksums.get(path.name) or _crc32(path)} for path in paths}
-        for future in flushed:
-            future.result()
-    write_json(directory / MANIFEST, {"files": files})
-    _fsync(directory / MANIFEST)
-    _fsync(directory)
-
-
-def verify(directory: Path) -> str | None:
-    """None when every file of the manifest is present, whole and unchanged; else why not."""
-    manifest = directory / MANIFEST
-    if not manifest.is_file():
-        return f"{directory} has no {MANIFEST} (an unfinished save)"
-    try:
-        files = read_json(manifest)["files"]
-    except (ValueError, KeyError) as err:
-        return f"{manifest} is unreadable: {err}"
-    for name, expected in files.items():
-        path = directory / name
-        if not path.is_file():
-            return f"{path} is missing"
-        if path.stat().st_size != expected["size"]:
-            return f"{path} has {path.stat().st_size} bytes, the manifest says {expected['size']} (truncated?)"
-        # Checkpoints before CRC32 manifests recorded sha256.
-        kind = "crc32" if "crc32" in expected else "sha256"
-        if (_crc32 if kind == "crc32" else _sha256)(path) != expected[kind]:
-            return f"{path} does not match its {kind} in the manifest (corrupted)"
-    return None
-
-
-def publish(tmp: Path, dest: Path, keep_previous: Path | None = None) -> None:
-    """Rename a sealed `tmp` to `dest`. The old `dest` goes to `keep_previous` (replacing the one
-    there) or is deleted, but only once the new directory is in place."""
-    trash = dest.with_name(f".{dest.name}.trash")
-    retired = [trash, trash.with_name(trash.name + "-previous")]
-    _discard(retired)  # leftovers from a crash mid-cleanup
-    if dest.exists():
-        if keep_previous is not None:
-            if keep_previous.exists():
-                keep_previous.rename(retired[1])
-            dest.rename(keep_previous)
-        else:
-            dest.rename(trash)
-    tmp.rename(dest)
-    _fsync(dest.parent)
-    _discard(retired)
-
-
-def _discard(directories: list[Path]) -> None:
-    """Delete directories that publish set aside (no longer checkpoints: they are renamed out of the way)."""
-    for directory in directories:
-        if directory.exists():
-            shutil.rmtree(directory)
-
-
-def remove(directory: Path) -> None:
-    """Delete a checkpoint directory: unseal it first so a crash mid-delete leaves no half checkpoint that verifies."""
-    if directory.exists():
-        (directory / MANIFEST).unlink(missing_ok=True)
-        shutil.rmtree(directory)
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write_json(tmp, data)
-    _fsync(tmp)
-    os.replace(tmp, path)
-    _fsync(path.parent)
-
-
-def _crc32(path: Path) -> str:
-    # CRC32 rather than a cryptographic hash: it is there to catch truncation and corruption, not
-    # tampering, and zlib sums about twice as fast as sha256 here, faster than the disk writes,
-    # so summing while writing costs no time (bench/bench_checkpoint.py).
-    crc = 0
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            crc = zlib.crc32(block, crc)
-    return _crc_text(crc)
-
-
-def _crc_text(crc: int) -> str:
-    return f"{crc:08x}"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

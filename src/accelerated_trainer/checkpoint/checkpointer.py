@@ -14,17 +14,16 @@ Run directory layout::
 Every directory is sealed with a manifest (size and CRC32 of each file) and renamed into
 place only when complete; an old checkpoint is deleted only after its replacement is in place.
 The one exception is `previous`: a save of `last` overwrites its files in place (see
-storage.temporary_dir), so while a save is in flight, or after one failed, `last` is the only
+files.temporary_dir), so while a save is in flight, or after one failed, `last` is the only
 full state, as it is before the second save. `last` itself is never touched until the new one
 is complete.
 """
 
 from __future__ import annotations
 
-import math
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -32,46 +31,16 @@ import torch
 from accelerate.utils import clean_state_dict_for_safetensors
 from safetensors.torch import load_model
 
-from . import storage
-from .async_save import PendingSave, Staging
-from .early_stopping import is_improvement
+from ..early_stopping import is_improvement
+from . import files, tensors
+from .async_writer import PendingSave, Staging
+from .files import CheckpointError
 from .rng import capture_rng, restore_rng
-from .storage import CheckpointError
+from .top_k import Entry, rank_key, select_top_k
 
 INDEX = "checkpoints.json"
 WEIGHTS = "model.safetensors"
 LAST_TENSOR_FILES = (WEIGHTS, "optimizer.safetensors")  # the bulk of `last`, rewritten in place by the next save
-
-
-@dataclass
-class Entry:
-    """One kept checkpoint, as listed in checkpoints.json."""
-
-    path: str
-    epoch: int
-    step: int
-    value: float | None = None
-
-
-def rank_key(value: float, mode: Literal["min", "max"]) -> float:
-    """Sort key where smaller is better; NaN ranks worst."""
-    if math.isnan(value):
-        return math.inf
-    return value if mode == "min" else -value
-
-
-def select_top_k(kept: list[Entry], candidate: Entry, k: int, mode: Literal["min", "max"]) -> tuple[list[Entry], list[Entry]]:
-    """The top-k decision: (new kept list best first, evicted entries).
-
-    The candidate enters only if there is room or it beats the worst kept entry strictly;
-    ties keep the older checkpoint. k = -1 keeps everything, k = 0 nothing.
-    """
-    if k == 0:
-        return [], list(kept)
-    ranked = sorted([*kept, candidate], key=lambda e: (rank_key(e.value, mode), e is candidate))
-    if k < 0:
-        return ranked, []
-    return ranked[:k], ranked[k:]
 
 
 class Checkpointer:
@@ -112,8 +81,8 @@ class Checkpointer:
         tmp = dest.with_name(f".{dest.name}.tmp")
         # `previous` is about to be replaced: its files are overwritten in place with the new state.
         # Until this save is complete `last` is then the only checkpoint, as it is before the second.
-        self._on_main(lambda: storage.temporary_dir(dest, recycle=self.run_dir / "previous", keep=LAST_TENSOR_FILES), dest)
-        self._everywhere(lambda: storage.write_json(tmp / f"rng-rank{self.accelerator.process_index}.json", capture_rng(), indent=None), dest)
+        self._on_main(lambda: files.temporary_dir(dest, recycle=self.run_dir / "previous", keep=LAST_TENSOR_FILES), dest)
+        self._everywhere(lambda: files.write_json(tmp / f"rng-rank{self.accelerator.process_index}.json", capture_rng(), indent=None), dest)
         previous_last = self.last
         # The state written below already names this checkpoint as `last`.
         self.last = Entry("last", trainer_state["epoch"], trainer_state["step"])
@@ -137,7 +106,7 @@ class Checkpointer:
 
     def _last_writer(self, tmp: Path, dest: Path, model, model_state, optimizer, scheduler, trainer_state: dict, asynchronous: bool):
         """The main process's write of `last`: a function of `captured`, called once the state is
-        taken, and of the `pause` of its writes (storage.write_tensors).
+        taken, and of the `pause` of its writes (tensors.write_tensors).
 
         Everything but the parameters and the optimizer's tensors is taken now: buffers (which a
         forward may update) are copied, the rest serialized. Those two change only in the
@@ -147,7 +116,7 @@ class Checkpointer:
         goes on.
         """
         weights = self._weights_to_write(model_state, to_host=not asynchronous)
-        skeleton, optimizer_tensors = storage.split_tensors(optimizer.state_dict(), to_host=not asynchronous)
+        skeleton, optimizer_tensors = tensors.split_tensors(optimizer.state_dict(), to_host=not asynchronous)
         live = set()
         if asynchronous:
             unwrapped = self.accelerator.unwrap_model(model)
@@ -156,12 +125,12 @@ class Checkpointer:
             # Parameters are copied on the save thread; a gathered copy (FSDP, ZeRO-3) is no live tensor.
             live = {name for name, tensor in weights.items() if tensor.data_ptr() in parameters}
             for name in weights.keys() - live:
-                weights[name] = storage.host_tensor(weights[name], copy=weights[name].data_ptr() in buffers)
+                weights[name] = tensors.host_tensor(weights[name], copy=weights[name].data_ptr() in buffers)
         state = {**trainer_state, "scheduler": scheduler.state_dict(), "checkpoints": self.state_dict()}
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is not None:
             state["scaler"] = scaler.state_dict()
-        state_text, index = storage.to_json(state), self._index()
+        state_text, index = files.to_json(state), self._index()
 
         def write(captured: Callable[[], None], pause: float | Callable[[], float]) -> None:
             nonlocal optimizer_tensors
@@ -169,14 +138,14 @@ class Checkpointer:
                 weights.update(self._staging.copy({name: weights[name] for name in live}, "model"))
                 optimizer_tensors = self._staging.copy(optimizer_tensors, "optimizer")
             captured()
-            checksums = {WEIGHTS: storage.write_tensors(tmp / WEIGHTS, weights, metadata={"format": "pt"}, pause=pause)}
-            checksums |= storage.write_state(skeleton, optimizer_tensors, tmp, "optimizer", pause=pause)
+            checksums = {WEIGHTS: tensors.write_tensors(tmp / WEIGHTS, weights, metadata={"format": "pt"}, pause=pause)}
+            checksums |= tensors.write_state(skeleton, optimizer_tensors, tmp, "optimizer", pause=pause)
             (tmp / "state.json").write_text(state_text)
             # No read-back verify here: right after writing it would hash the page cache, not the
             # disk (0.2 s per 300 MB for nothing). Resume verifies every file against the manifest.
-            storage.seal(tmp, checksums)
-            storage.publish(tmp, dest, keep_previous=self.run_dir / "previous")
-            storage.atomic_write_json(self.run_dir / INDEX, index)
+            files.seal(tmp, checksums)
+            files.publish(tmp, dest, keep_previous=self.run_dir / "previous")
+            files.atomic_write_json(self.run_dir / INDEX, index)
 
         return write
 
@@ -276,26 +245,26 @@ class Checkpointer:
     def _forget(self, entries: list[Entry]) -> None:
         self._write_index()
         for entry in entries:
-            storage.remove(self.run_dir / entry.path)
+            files.remove(self.run_dir / entry.path)
 
     def _write_weights_dir(self, dest: Path, model_state: dict, meta: dict) -> None:
-        tmp = storage.temporary_dir(dest)
+        tmp = files.temporary_dir(dest)
         checksums = self._write_weights(tmp, model_state)
-        storage.write_json(tmp / "meta.json", meta)
-        storage.seal(tmp, checksums)
-        storage.publish(tmp, dest)
+        files.write_json(tmp / "meta.json", meta)
+        files.seal(tmp, checksums)
+        files.publish(tmp, dest)
 
     @classmethod
     def _write_weights(cls, directory: Path, model_state: dict) -> dict[str, str]:
         """Write model.safetensors; its checksum by file name, for the seal."""
-        return {WEIGHTS: storage.write_tensors(directory / WEIGHTS, cls._weights_to_write(model_state), metadata={"format": "pt"})}
+        return {WEIGHTS: tensors.write_tensors(directory / WEIGHTS, cls._weights_to_write(model_state), metadata={"format": "pt"})}
 
     @staticmethod
     def _weights_to_write(model_state: dict, to_host: bool = True) -> dict[str, torch.Tensor]:
         # Tied weights share storage; safetensors stores each storage once and load_model re-ties
         # them. The shared entries are dropped before any copy, which would untie them.
         state = clean_state_dict_for_safetensors(dict(model_state))
-        return {key: storage.host_tensor(value) if to_host else value.detach() for key, value in state.items()}
+        return {key: tensors.host_tensor(value) if to_host else value.detach() for key, value in state.items()}
 
     def _index(self) -> dict:
         return {
@@ -308,7 +277,7 @@ class Checkpointer:
 
     def _write_index(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        storage.atomic_write_json(self.run_dir / INDEX, self._index())
+        files.atomic_write_json(self.run_dir / INDEX, self._index())
 
     # ------------------------------------------------------------ resuming
 
@@ -322,10 +291,10 @@ class Checkpointer:
         for candidate in candidates:
             if not candidate.exists():
                 continue
-            if reason := storage.verify(candidate):
+            if reason := files.verify(candidate):
                 skipped.append(reason)
                 continue
-            usable.append((storage.read_json(candidate / "state.json")["step"], candidate))
+            usable.append((files.read_json(candidate / "state.json")["step"], candidate))
         return (max(usable)[1] if usable else None), skipped
 
     def load(self, directory: Path, model, optimizer, scheduler) -> dict:
@@ -339,8 +308,8 @@ class Checkpointer:
             raise CheckpointError(
                 f"{directory / WEIGHTS} does not fit the model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}."
             )
-        optimizer.load_state_dict(storage.load_state(directory, "optimizer"))
-        state = storage.read_json(directory / "state.json")
+        optimizer.load_state_dict(tensors.load_state(directory, "optimizer"))
+        state = files.read_json(directory / "state.json")
         scheduler.load_state_dict(state.pop("scheduler"))
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is not None and "scaler" in state:
@@ -349,7 +318,7 @@ class Checkpointer:
         self._reconcile()
         rng_file = directory / f"rng-rank{self.accelerator.process_index}.json"
         if rng_file.is_file():
-            restore_rng(storage.read_json(rng_file))
+            restore_rng(files.read_json(rng_file))
         return state
 
     def _reconcile(self) -> None:
@@ -365,13 +334,13 @@ class Checkpointer:
         if self.accelerator.is_main_process:
             found = {}
             for meta_file in sorted(self.run_dir.glob("top/*/meta.json")):
-                if storage.verify(meta_file.parent) is None:
-                    meta = storage.read_json(meta_file)
+                if files.verify(meta_file.parent) is None:
+                    meta = files.read_json(meta_file)
                     found[meta["path"]] = Entry(meta["path"], meta["epoch"], meta["step"], meta["value"])
             kept = sorted(found.values(), key=lambda e: (rank_key(e.value, self.mode), e.step))
             best = None
-            if storage.verify(self.run_dir / "best") is None:
-                meta = storage.read_json(self.run_dir / "best" / "meta.json")
+            if files.verify(self.run_dir / "best") is None:
+                meta = files.read_json(self.run_dir / "best" / "meta.json")
                 best = Entry("best", meta["epoch"], meta["step"], meta["value"])
             decision = [([asdict(e) for e in kept], best and asdict(best))]
         if self.accelerator.num_processes > 1:
@@ -400,7 +369,7 @@ class Checkpointer:
         """Remove the checkpoints and metrics of an earlier run (only when the config says overwrite)."""
         if self.accelerator.is_main_process:
             for name in ("last", "previous", "best", "top"):
-                storage.remove(self.run_dir / name)
+                files.remove(self.run_dir / name)
             (self.run_dir / INDEX).unlink(missing_ok=True)
             (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run's curve starts empty
         self.accelerator.wait_for_everyone()
@@ -410,6 +379,6 @@ class Checkpointer:
 
 
 def _what_is_intact(dest: Path) -> str:
-    if dest.name == "last":  # a save of `last` writes over `previous` (storage.temporary_dir)
+    if dest.name == "last":  # a save of `last` writes over `previous` (files.temporary_dir)
         return f"The earlier checkpoints and {INDEX} are intact, but for `previous`, which it was rewriting."
     return f"The earlier checkpoints and {INDEX} are intact."

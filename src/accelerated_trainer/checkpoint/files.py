@@ -1,0 +1,169 @@
+"""Crash-consistent checkpoint directories: written under a temporary name, fsynced, sealed with a
+manifest of every file's size and CRC32, and only then renamed into place; JSON files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or read back as a whole."""
+
+
+def to_json(data: Any, indent: int | None = 2) -> str:
+    """JSON text; `indent=None` is one line, from the json module's C encoder (indented text takes
+    its Python one: some ms for an RNG state of thousands of numbers)."""
+    return json.dumps(data, indent=indent, sort_keys=False) + "\n"
+
+
+def write_json(path: Path, data: Any, indent: int | None = 2) -> None:
+    path.write_text(to_json(data, indent))
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def temporary_dir(dest: Path, recycle: Path | None = None, keep: tuple[str, ...] = ()) -> Path:
+    """A sibling of `dest` to write into; any leftover from a crashed save is removed.
+
+    With `recycle`, an older checkpoint directory becomes it: unsealed first (so it never again
+    passes for a checkpoint), emptied but for the files named in `keep`, renamed. Those files
+    are then overwritten in place (write_tensors): no blocks are freed and allocated again, and
+    their pages are often still cached, which on the machine of bench/bench_async_save.py makes
+    the write several times faster than into new files. Else the directory is new and empty.
+    """
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    if recycle is not None and (recycle / MANIFEST).is_file():
+        (recycle / MANIFEST).unlink()
+        _fsync(recycle)
+        for path in recycle.iterdir():
+            if path.name not in keep or not path.is_file():
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        recycle.rename(tmp)
+    else:
+        tmp.mkdir(parents=True)
+    return tmp
+
+
+def seal(directory: Path, checksums: dict[str, str] | None = None) -> None:
+    """Record every file's size and CRC32 in the manifest, and fsync files, manifest and directory.
+
+    `checksums`: those of files summed while written (write_tensors), by file name.
+    """
+    checksums = checksums or {}
+    paths = sorted(p for p in directory.iterdir() if p.is_file() and p.name != MANIFEST)
+    # The disk flushes while the CPU sums what is left: both release the GIL.
+    with ThreadPoolExecutor(max_workers=max(len(paths), 1), thread_name_prefix="fsync") as pool:
+        flushed = [pool.submit(_fsync, path) for path in paths]
+        files = {path.name: {"size": path.stat().st_size, "crc32": checksums.get(path.name) or _crc32(path)} for path in paths}
+        for future in flushed:
+            future.result()
+    write_json(directory / MANIFEST, {"files": files})
+    _fsync(directory / MANIFEST)
+    _fsync(directory)
+
+
+def verify(directory: Path) -> str | None:
+    """None when every file of the manifest is present, whole and unchanged; else why not."""
+    manifest = directory / MANIFEST
+    if not manifest.is_file():
+        return f"{directory} has no {MANIFEST} (an unfinished save)"
+    try:
+        files = read_json(manifest)["files"]
+    except (ValueError, KeyError) as err:
+        return f"{manifest} is unreadable: {err}"
+    for name, expected in files.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != expected["size"]:
+            return f"{path} has {path.stat().st_size} bytes, the manifest says {expected['size']} (truncated?)"
+        # Checkpoints before CRC32 manifests recorded sha256.
+        kind = "crc32" if "crc32" in expected else "sha256"
+        if (_crc32 if kind == "crc32" else _sha256)(path) != expected[kind]:
+            return f"{path} does not match its {kind} in the manifest (corrupted)"
+    return None
+
+
+def publish(tmp: Path, dest: Path, keep_previous: Path | None = None) -> None:
+    """Rename a sealed `tmp` to `dest`. The old `dest` goes to `keep_previous` (replacing the one
+    there) or is deleted, but only once the new directory is in place."""
+    trash = dest.with_name(f".{dest.name}.trash")
+    retired = [trash, trash.with_name(trash.name + "-previous")]
+    _discard(retired)  # leftovers from a crash mid-cleanup
+    if dest.exists():
+        if keep_previous is not None:
+            if keep_previous.exists():
+                keep_previous.rename(retired[1])
+            dest.rename(keep_previous)
+        else:
+            dest.rename(trash)
+    tmp.rename(dest)
+    _fsync(dest.parent)
+    _discard(retired)
+
+
+def _discard(directories: list[Path]) -> None:
+    """Delete directories that publish set aside (no longer checkpoints: they are renamed out of the way)."""
+    for directory in directories:
+        if directory.exists():
+            shutil.rmtree(directory)
+
+
+def remove(directory: Path) -> None:
+    """Delete a checkpoint directory: unseal it first so a crash mid-delete leaves no half checkpoint that verifies."""
+    if directory.exists():
+        (directory / MANIFEST).unlink(missing_ok=True)
+        shutil.rmtree(directory)
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write_json(tmp, data)
+    _fsync(tmp)
+    os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def _crc32(path: Path) -> str:
+    # CRC32 rather than a cryptographic hash: it is there to catch truncation and corruption, not
+    # tampering, and zlib sums about twice as fast as sha256 here, faster than the disk writes,
+    # so summing while writing costs no time (bench/bench_checkpoint.py).
+    crc = 0
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            crc = zlib.crc32(block, crc)
+    return crc_text(crc)
+
+
+def crc_text(crc: int) -> str:
+    return f"{crc:08x}"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
