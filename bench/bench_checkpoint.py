@@ -101,8 +101,8 @@ def save_accelerate(out: Path, ctx) -> None:
 
 
 def save_last(out: Path, ctx, asynchronous: bool = False, wait: bool = True) -> None:
-    ctx["checkpointer"].save_last(ctx["model"], ctx["optimizer"], ctx["scheduler"], {"epoch": 0, "step": ctx["step"]},
-                                  asynchronous=asynchronous)
+    ctx["position"].step = ctx["step"]
+    ctx["checkpointer"].save_last(0, ctx["step"], asynchronous=asynchronous)
     ctx["step"] += 1
     if wait:
         ctx["checkpointer"].wait()
@@ -149,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
-    from accelerated_trainer.checkpoint import Checkpointer
+    from accelerated_trainer.checkpoint import Checkpointer, ModelState
+    from accelerated_trainer.config import CheckpointOptions
+    from accelerated_trainer.trainer import TrainingState
 
     print(f"bench_checkpoint: {environment()}")
     warnings.simplefilter("ignore")
@@ -157,8 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     root = Path(tempfile.mkdtemp(prefix="bench-ckpt-", dir=args.dir))
     ctx = {"accelerator": accelerator, "model": model, "optimizer": optimizer, "scheduler": scheduler,
-           "tensors": all_tensors(model, optimizer), "step": 1,
-           "checkpointer": Checkpointer(root / "run", accelerator, "val_loss", "min", save_top_k=0)}
+           "tensors": all_tensors(model, optimizer), "step": 1, "position": TrainingState()}
+    options = CheckpointOptions(monitor="val_loss", mode="min", save_top_k=0, save_every_n_steps=None, resume=False,
+                                overwrite=False, async_save=False, on_save_error="stop")
+    states = {"model": ModelState(accelerator, model), "optimizer": optimizer, "scheduler": scheduler,
+              "trainer": ctx["position"]}
+    ctx["checkpointer"] = Checkpointer(root / "run", accelerator, options, states)
     payload = sum(t.numel() * t.element_size() for t in ctx["tensors"].values())
     indexed = record_index_writes()
     seconds: dict[str, list[float]] = {name: [] for name in names}

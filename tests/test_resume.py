@@ -139,6 +139,6 @@ def test_truncated_last_falls_back_to_previous_and_deletes_nothing(tmp_path):
     before = sorted(p for p in run_dir.rglob("*") if p.is_file())
     trainer = AcceleratedTrainer(None, digits_config(tmp_path, training_options={"n_epochs": 2},
                                                      experiment_options={"resume": True}))
-    trainer._maybe_resume()
+    trainer.checkpointer.resume()
     assert trainer.state.step == 23  # previous: the end of epoch 0
     assert sorted(p for p in run_dir.rglob("*") if p.is_file()) == before, "the fallback deletes nothing"

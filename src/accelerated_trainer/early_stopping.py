@@ -2,18 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-
-def is_improvement(value: float, best: float | None, mode: Literal["min", "max"], min_delta: float = 0.0) -> bool:
-    """Whether `value` beats `best` by more than `min_delta`. NaN never improves; anything beats no best."""
-    if math.isnan(value):
-        return False
-    if best is None or math.isnan(best):
-        return True
-    return value < best - min_delta if mode == "min" else value > best + min_delta
+from .metrics import is_improvement
 
 
 @dataclass

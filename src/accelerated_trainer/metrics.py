@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from typing import Literal
 
 import torch
 from torch import nn
@@ -19,6 +20,22 @@ IGNORE_INDEX = -100  # CrossEntropyLoss's default ignore_index, also used by HF 
 
 DEFAULT_LOSS = {"classification": "CrossEntropyLoss", "regression": "MSELoss", "language_modeling": "CrossEntropyLoss"}
 CLASS_TASKS = ("classification", "language_modeling")  # outputs are class scores, labels class indices
+
+
+def rank_key(value: float, mode: Literal["min", "max"]) -> float:
+    """Sort key of a monitored value where smaller is better; NaN ranks worst."""
+    if math.isnan(value):
+        return math.inf
+    return value if mode == "min" else -value
+
+
+def is_improvement(value: float, best: float | None, mode: Literal["min", "max"], min_delta: float = 0.0) -> bool:
+    """Whether `value` beats `best` by more than `min_delta`. NaN never improves; anything beats no best."""
+    if math.isnan(value):
+        return False
+    if best is None or math.isnan(best):
+        return True
+    return value < best - min_delta if mode == "min" else value > best + min_delta
 
 
 def build_loss(options: LossOptions | None, task: str) -> nn.Module:

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from accelerated_trainer.checkpoint import files, tensors
-from accelerated_trainer.checkpoint import INDEX, WEIGHTS, Checkpointer, Entry, select_top_k
+from accelerated_trainer.checkpoint import INDEX, WEIGHTS, Checkpointer, Entry, ModelState, files, select_top_k, tensors
+from accelerated_trainer.config import CheckpointOptions
 
 NAN = float("nan")
 
@@ -91,10 +91,41 @@ def read_index(run_dir):
     return files.read_json(run_dir / INDEX)
 
 
+class TrainingPosition:
+    """What the trainer registers as "trainer" (its TrainingState): JSON at the top of state.json."""
+
+    def __init__(self):
+        self.state = {}
+
+    def state_dict(self):
+        return dict(self.state)
+
+    def load_state_dict(self, state):
+        self.state = {key: state[key] for key in ("step", "epoch", "position") if key in state}
+
+
+def checkpointer_for(run_dir, accelerator, model, optimizer=None, scheduler=None, *, monitor="val_loss", mode="min",
+                     save_top_k=1):
+    """A Checkpointer over the registry the trainer builds: weights, optimizer, scheduler, training state."""
+    optimizer = optimizer or torch.optim.AdamW(model.parameters())
+    scheduler = scheduler or LambdaLR(optimizer, lambda step: 1.0)
+    options = CheckpointOptions(monitor=monitor, mode=mode, save_top_k=save_top_k, save_every_n_steps=None, resume=False,
+                                overwrite=False, async_save=False, on_save_error="stop")
+    states = {"model": ModelState(accelerator, model), "optimizer": optimizer, "scheduler": scheduler,
+              "trainer": TrainingPosition()}
+    return Checkpointer(run_dir, accelerator, options, states)
+
+
+def save_last(checkpointer, state, asynchronous=False):
+    """Save `last` with the training state `state` (its step and epoch name the checkpoint)."""
+    checkpointer.states["trainer"].state = dict(state)
+    return checkpointer.save_last(state["epoch"], state["step"], asynchronous=asynchronous)
+
+
 def test_maybe_save_top_keeps_top_k_and_best_in_step_with_the_index(tmp_path, accelerator):
     run_dir = tmp_path / "run"
-    checkpointer = Checkpointer(run_dir, accelerator, monitor="val_loss", mode="min", save_top_k=3)
     model = nn.Linear(3, 2)
+    checkpointer = checkpointer_for(run_dir, accelerator, model, monitor="val_loss", mode="min", save_top_k=3)
     values = [0.9, 0.5, 0.7, 0.4, 0.8, 0.6]
     expected_kept = [[0.9], [0.5, 0.9], [0.5, 0.7, 0.9], [0.4, 0.5, 0.7], [0.4, 0.5, 0.7], [0.4, 0.5, 0.6]]
     snapshots, best_call = {}, None
@@ -104,7 +135,7 @@ def test_maybe_save_top_keeps_top_k_and_best_in_step_with_the_index(tmp_path, ac
             for parameter in model.parameters():
                 parameter.fill_(float(call))
         snapshots[call] = weights_of(model)
-        improved = checkpointer.maybe_save_top(model, value, epoch=call, step=100 * call, metrics={"val_loss": value})
+        improved = checkpointer.maybe_save_top(value, epoch=call, step=100 * call, metrics={"val_loss": value})
         assert improved == (value < min(values[:call], default=math.inf))
         if improved:
             best_call = call
@@ -133,11 +164,11 @@ def test_maybe_save_top_keeps_top_k_and_best_in_step_with_the_index(tmp_path, ac
 
 def test_maybe_save_top_with_k_zero_still_keeps_best(tmp_path, accelerator):
     run_dir = tmp_path / "run"
-    checkpointer = Checkpointer(run_dir, accelerator, monitor="val_accuracy", mode="max", save_top_k=0)
     model = nn.Linear(2, 2)
-    assert checkpointer.maybe_save_top(model, 0.5, epoch=0, step=1, metrics={})
-    assert not checkpointer.maybe_save_top(model, 0.4, epoch=1, step=2, metrics={})
-    assert not checkpointer.maybe_save_top(model, NAN, epoch=2, step=3, metrics={})
+    checkpointer = checkpointer_for(run_dir, accelerator, model, monitor="val_accuracy", mode="max", save_top_k=0)
+    assert checkpointer.maybe_save_top(0.5, epoch=0, step=1, metrics={})
+    assert not checkpointer.maybe_save_top(0.4, epoch=1, step=2, metrics={})
+    assert not checkpointer.maybe_save_top(NAN, epoch=2, step=3, metrics={})
     assert read_index(run_dir)["top_k"] == []
     assert not (run_dir / "top").exists()
     assert files.read_json(run_dir / "best" / "meta.json")["value"] == 0.5
@@ -162,12 +193,12 @@ def state_step(directory):
 
 def test_save_last_twice_rotates_last_into_previous(tmp_path, accelerator):
     run_dir = tmp_path / "run"
-    checkpointer = Checkpointer(run_dir, accelerator, monitor="val_loss", mode="min", save_top_k=2)
     model, optimizer, scheduler = trained()
+    checkpointer = checkpointer_for(run_dir, accelerator, model, optimizer, scheduler, monitor="val_loss", mode="min", save_top_k=2)
 
-    checkpointer.save_last(model, optimizer, scheduler, {"step": 10, "epoch": 1})
+    save_last(checkpointer, {"step": 10, "epoch": 1})
     assert state_step(run_dir / "last") == 10 and not (run_dir / "previous").exists()
-    checkpointer.save_last(model, optimizer, scheduler, {"step": 20, "epoch": 2})
+    save_last(checkpointer, {"step": 20, "epoch": 2})
 
     assert (state_step(run_dir / "last"), state_step(run_dir / "previous")) == (20, 10)
     assert files.verify(run_dir / "last") is None and files.verify(run_dir / "previous") is None
@@ -178,7 +209,7 @@ def test_save_last_twice_rotates_last_into_previous(tmp_path, accelerator):
 
     # The third save writes over the first one's files (then `previous`) in place.
     first = {name: (run_dir / "previous" / name).stat().st_ino for name in (WEIGHTS, "optimizer.safetensors")}
-    checkpointer.save_last(model, optimizer, scheduler, {"step": 30, "epoch": 3})
+    save_last(checkpointer, {"step": 30, "epoch": 3})
     assert (state_step(run_dir / "last"), state_step(run_dir / "previous")) == (30, 20)
     assert {name: (run_dir / "last" / name).stat().st_ino for name in first} == first
     assert files.verify(run_dir / "last") is None and files.verify(run_dir / "previous") is None
@@ -187,11 +218,11 @@ def test_save_last_twice_rotates_last_into_previous(tmp_path, accelerator):
 
 def test_find_resumable_prefers_last_and_falls_back_to_previous(tmp_path, accelerator):
     run_dir = tmp_path / "run"
-    checkpointer = Checkpointer(run_dir, accelerator, monitor="val_loss", mode="min", save_top_k=2)
-    assert checkpointer.find_resumable() == (None, [])
     model, optimizer, scheduler = trained()
-    checkpointer.save_last(model, optimizer, scheduler, {"step": 10, "epoch": 1})
-    checkpointer.save_last(model, optimizer, scheduler, {"step": 20, "epoch": 2})
+    checkpointer = checkpointer_for(run_dir, accelerator, model, optimizer, scheduler, monitor="val_loss", mode="min", save_top_k=2)
+    assert checkpointer.find_resumable() == (None, [])
+    save_last(checkpointer, {"step": 10, "epoch": 1})
+    save_last(checkpointer, {"step": 20, "epoch": 2})
 
     assert checkpointer.find_resumable() == (run_dir / "last", [])
 
@@ -208,25 +239,25 @@ def test_find_resumable_prefers_last_and_falls_back_to_previous(tmp_path, accele
 
 def test_find_resumable_with_an_explicit_path(tmp_path, accelerator):
     run_dir = tmp_path / "run"
-    checkpointer = Checkpointer(run_dir, accelerator, monitor="val_loss", mode="min", save_top_k=2)
     model, optimizer, scheduler = trained()
-    checkpointer.save_last(model, optimizer, scheduler, {"step": 10, "epoch": 1})
-    checkpointer.save_last(model, optimizer, scheduler, {"step": 20, "epoch": 2})
+    checkpointer = checkpointer_for(run_dir, accelerator, model, optimizer, scheduler, monitor="val_loss", mode="min", save_top_k=2)
+    save_last(checkpointer, {"step": 10, "epoch": 1})
+    save_last(checkpointer, {"step": 20, "epoch": 2})
     assert checkpointer.find_resumable(run_dir / "previous") == (run_dir / "previous", [])
     assert checkpointer.find_resumable(tmp_path / "elsewhere") == (None, [])
 
 
 def test_load_restores_model_optimizer_scheduler_rng_and_trainer_state(tmp_path, accelerator):
     run_dir = tmp_path / "run"
-    checkpointer = Checkpointer(run_dir, accelerator, monitor="val_loss", mode="min", save_top_k=2)
     model, optimizer, scheduler = trained(seed=0)
-    checkpointer.maybe_save_top(model, 0.3, epoch=0, step=3, metrics={})
+    checkpointer = checkpointer_for(run_dir, accelerator, model, optimizer, scheduler, monitor="val_loss", mode="min", save_top_k=2)
+    checkpointer.maybe_save_top(0.3, epoch=0, step=3, metrics={})
     saved_weights = weights_of(model)
     saved_optimizer = optimizer.state_dict()
     torch.manual_seed(1234)
     random.seed(1234)
     np.random.seed(1234)
-    checkpointer.save_last(model, optimizer, scheduler, {"step": 3, "epoch": 1, "position": [1, 2]})
+    save_last(checkpointer, {"step": 3, "epoch": 1, "position": [1, 2]})
     after_save = (torch.rand(5), random.random(), np.random.rand(3))
 
     # A different process: other weights, a fresh optimizer and scheduler, RNG elsewhere.
@@ -234,8 +265,9 @@ def test_load_restores_model_optimizer_scheduler_rng_and_trainer_state(tmp_path,
     torch.rand(100)
     random.random()
     np.random.rand(10)
-    resumed = Checkpointer(run_dir, accelerator, monitor="val_loss", mode="min", save_top_k=2)
-    trainer_state = resumed.load(run_dir / "last", twin, twin_optimizer, twin_scheduler)
+    resumed = checkpointer_for(run_dir, accelerator, twin, twin_optimizer, twin_scheduler, monitor="val_loss", mode="min",
+                               save_top_k=2)
+    resumed.load(run_dir / "last")
 
     after_load = (torch.rand(5), random.random(), np.random.rand(3))
     assert torch.equal(after_load[0], after_save[0])
@@ -248,22 +280,22 @@ def test_load_restores_model_optimizer_scheduler_rng_and_trainer_state(tmp_path,
         for key in ("step", "exp_avg", "exp_avg_sq"):
             assert torch.equal(loaded["state"][index][key], state[key]), (index, key)
     assert twin_scheduler.state_dict() == scheduler.state_dict()
-    assert trainer_state == {"step": 3, "epoch": 1, "position": [1, 2]}
+    assert resumed.states["trainer"].state == {"step": 3, "epoch": 1, "position": [1, 2]}
     assert resumed.kept == [Entry("top/epoch000-step0000003", 0, 3, 0.3)]
     assert resumed.best == Entry("best", 0, 3, 0.3)
 
 
 def test_load_restores_every_rng_stream(tmp_path, accelerator):
     run_dir = tmp_path / "run"
-    checkpointer = Checkpointer(run_dir, accelerator, monitor="val_loss", mode="min", save_top_k=1)
     model, optimizer, scheduler = trained()
-    checkpointer.save_last(model, optimizer, scheduler, {"step": 1, "epoch": 0})
+    checkpointer = checkpointer_for(run_dir, accelerator, model, optimizer, scheduler, monitor="val_loss", mode="min", save_top_k=1)
+    save_last(checkpointer, {"step": 1, "epoch": 0})
     expected = (torch.rand(5), random.random(), np.random.rand(3), np.random.randn())  # randn: numpy's cached gaussian
 
     torch.rand(50)
     random.random()
     np.random.randn(7)
-    checkpointer.load(run_dir / "last", model, optimizer, scheduler)
+    checkpointer.load(run_dir / "last")
     actual = (torch.rand(5), random.random(), np.random.rand(3), np.random.randn())
 
     assert torch.equal(actual[0], expected[0])
@@ -276,13 +308,13 @@ def test_load_restores_the_record_of_last(tmp_path, accelerator):
     # After resuming from `last` at step 20, the checkpointer must know `last` holds step 20: the
     # trainer skips its final save only when checkpointer.last.step equals the current step.
     run_dir = tmp_path / "run"
-    checkpointer = Checkpointer(run_dir, accelerator, monitor="val_loss", mode="min", save_top_k=1)
     model, optimizer, scheduler = trained()
-    checkpointer.save_last(model, optimizer, scheduler, {"step": 10, "epoch": 1})
-    checkpointer.save_last(model, optimizer, scheduler, {"step": 20, "epoch": 2})
+    checkpointer = checkpointer_for(run_dir, accelerator, model, optimizer, scheduler, monitor="val_loss", mode="min", save_top_k=1)
+    save_last(checkpointer, {"step": 10, "epoch": 1})
+    save_last(checkpointer, {"step": 20, "epoch": 2})
 
-    resumed = Checkpointer(run_dir, accelerator, monitor="val_loss", mode="min", save_top_k=1)
-    resumed.load(run_dir / "last", model, optimizer, scheduler)
+    resumed = checkpointer_for(run_dir, accelerator, model, optimizer, scheduler, monitor="val_loss", mode="min", save_top_k=1)
+    resumed.load(run_dir / "last")
     assert resumed.last == Entry("last", 2, 20)
 
 
@@ -295,13 +327,13 @@ def test_load_restores_the_record_of_last(tmp_path, accelerator):
 )
 def test_load_rejects_weights_that_do_not_fit(tmp_path, accelerator, layers):
     run_dir = tmp_path / "run"
-    checkpointer = Checkpointer(run_dir, accelerator, monitor="val_loss", mode="min", save_top_k=1)
     model, optimizer, scheduler = trained()
-    checkpointer.save_last(model, optimizer, scheduler, {"step": 1, "epoch": 0})
+    checkpointer = checkpointer_for(run_dir, accelerator, model, optimizer, scheduler, monitor="val_loss", mode="min", save_top_k=1)
+    save_last(checkpointer, {"step": 1, "epoch": 0})
     other = nn.Sequential(*layers)
     other_optimizer = torch.optim.AdamW(other.parameters())
     with pytest.raises(files.CheckpointError, match="does not fit the model"):
-        checkpointer.load(run_dir / "last", other, other_optimizer, LambdaLR(other_optimizer, lambda s: 1.0))
+        checkpointer_for(run_dir, accelerator, other, other_optimizer).load(run_dir / "last")
 
 
 class TiedLM(nn.Module):
@@ -318,14 +350,14 @@ class TiedLM(nn.Module):
 
 def test_tied_weights_save_once_and_load_tied(tmp_path, accelerator):
     run_dir = tmp_path / "run"
-    checkpointer = Checkpointer(run_dir, accelerator, monitor="val_loss", mode="min", save_top_k=1)
     torch.manual_seed(0)
     model = TiedLM()
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
     scheduler = LambdaLR(optimizer, lambda step: 1.0)
+    checkpointer = checkpointer_for(run_dir, accelerator, model, optimizer, scheduler, monitor="val_loss", mode="min", save_top_k=1)
     nn.functional.cross_entropy(model(torch.tensor([1, 2, 3])), torch.tensor([4, 5, 6])).backward()
     optimizer.step()
-    checkpointer.save_last(model, optimizer, scheduler, {"step": 1, "epoch": 0})
+    save_last(checkpointer, {"step": 1, "epoch": 0})
     saved = weights_of(model)
 
     stored = load_file(run_dir / "last" / WEIGHTS)
@@ -335,7 +367,7 @@ def test_tied_weights_save_once_and_load_tied(tmp_path, accelerator):
     fresh = TiedLM()
     fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=0.01)
     assert not torch.equal(fresh.emb.weight, saved["emb.weight"])
-    checkpointer.load(run_dir / "last", fresh, fresh_optimizer, LambdaLR(fresh_optimizer, lambda step: 1.0))
+    checkpointer_for(run_dir, accelerator, fresh, fresh_optimizer).load(run_dir / "last")
 
     assert fresh.head.weight is fresh.emb.weight
     assert_weights_equal(weights_of(fresh), saved)
@@ -352,14 +384,14 @@ def optimizer_tensors(optimizer):
 def test_async_save_writes_the_state_as_it_was_when_asked(tmp_path, accelerator, monkeypatch):
     """Training changes weights and optimizer state in place while the save is in flight."""
     run_dir = tmp_path / "run"
-    checkpointer = Checkpointer(run_dir, accelerator, monitor="val_loss", mode="min", save_top_k=1)
     model, optimizer, scheduler = trained()
+    checkpointer = checkpointer_for(run_dir, accelerator, model, optimizer, scheduler, monitor="val_loss", mode="min", save_top_k=1)
     saved_weights, saved_optimizer = weights_of(model), optimizer_tensors(optimizer)
     may_write = __import__("threading").Event()
     real_seal = files.seal
     monkeypatch.setattr(files, "seal", lambda directory, checksums=None: (may_write.wait(timeout=30), real_seal(directory, checksums)))
 
-    checkpointer.save_last(model, optimizer, scheduler, {"step": 3, "epoch": 0}, asynchronous=True)
+    save_last(checkpointer, {"step": 3, "epoch": 0}, asynchronous=True)
     assert checkpointer.last.step == 3
     for _ in range(2):  # two more training steps, in place, as the trainer runs them
         model(torch.randn(6, 4)).pow(2).mean().backward()
@@ -374,7 +406,7 @@ def test_async_save_writes_the_state_as_it_was_when_asked(tmp_path, accelerator,
     assert files.verify(run_dir / "last") is None
     assert_weights_equal(load_file(run_dir / "last" / WEIGHTS), saved_weights)
     fresh, fresh_optimizer, fresh_scheduler = trained(seed=1, steps=1)
-    checkpointer.load(run_dir / "last", fresh, fresh_optimizer, fresh_scheduler)
+    checkpointer_for(run_dir, accelerator, fresh, fresh_optimizer, fresh_scheduler).load(run_dir / "last")
     assert_weights_equal(optimizer_tensors(fresh_optimizer), saved_optimizer)
     assert read_index(run_dir)["last"]["step"] == 3
 
@@ -382,16 +414,16 @@ def test_async_save_writes_the_state_as_it_was_when_asked(tmp_path, accelerator,
 @pytest.mark.parametrize("error", [OSError(28, "No space left on device"), MemoryError("host copy")])
 def test_async_save_failure_is_reported_by_wait_and_keeps_the_earlier_last(tmp_path, accelerator, monkeypatch, error):
     run_dir = tmp_path / "run"
-    checkpointer = Checkpointer(run_dir, accelerator, monitor="val_loss", mode="min", save_top_k=1)
     model, optimizer, scheduler = trained()
-    checkpointer.save_last(model, optimizer, scheduler, {"step": 3, "epoch": 0}, asynchronous=True)
+    checkpointer = checkpointer_for(run_dir, accelerator, model, optimizer, scheduler, monitor="val_loss", mode="min", save_top_k=1)
+    save_last(checkpointer, {"step": 3, "epoch": 0}, asynchronous=True)
     checkpointer.wait()
 
     def fail(directory, checksums=None):
         raise error
 
     monkeypatch.setattr(files, "seal", fail)
-    checkpointer.save_last(model, optimizer, scheduler, {"step": 6, "epoch": 1}, asynchronous=True)
+    save_last(checkpointer, {"step": 6, "epoch": 1}, asynchronous=True)
     with pytest.raises(files.CheckpointError, match=r"last.*failed") as raised:
         checkpointer.wait()
     if not isinstance(error, OSError):
@@ -405,11 +437,11 @@ def test_async_save_failure_is_reported_by_wait_and_keeps_the_earlier_last(tmp_p
 
 def test_save_waits_for_the_save_in_flight(tmp_path, accelerator):
     run_dir = tmp_path / "run"
-    checkpointer = Checkpointer(run_dir, accelerator, monitor="val_loss", mode="min", save_top_k=1)
     model, optimizer, scheduler = trained()
+    checkpointer = checkpointer_for(run_dir, accelerator, model, optimizer, scheduler, monitor="val_loss", mode="min", save_top_k=1)
     for step in (1, 2, 3):
-        checkpointer.save_last(model, optimizer, scheduler, {"step": step, "epoch": 0}, asynchronous=True)
-    checkpointer.maybe_save_top(model, 0.5, epoch=0, step=3, metrics={"val_loss": 0.5})
+        save_last(checkpointer, {"step": step, "epoch": 0}, asynchronous=True)
+    checkpointer.maybe_save_top(0.5, epoch=0, step=3, metrics={"val_loss": 0.5})
     assert (state_step(run_dir / "last"), state_step(run_dir / "previous")) == (3, 2)
     index = read_index(run_dir)
     assert index["last"]["step"] == 3 and index["best"]["step"] == 3 and len(index["top_k"]) == 1
@@ -418,16 +450,16 @@ def test_save_waits_for_the_save_in_flight(tmp_path, accelerator):
 def test_async_save_keeps_buffers_as_they_were_when_a_forward_updates_them(tmp_path, accelerator):
     """BatchNorm's running statistics change in the forward, before the optimizer step waits."""
     run_dir = tmp_path / "run"
-    checkpointer = Checkpointer(run_dir, accelerator, monitor="val_loss", mode="min", save_top_k=1)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
     scheduler = LambdaLR(optimizer, lambda step: 1.0)
+    checkpointer = checkpointer_for(run_dir, accelerator, model, optimizer, scheduler, monitor="val_loss", mode="min", save_top_k=1)
     model(torch.randn(16, 4)).pow(2).mean().backward()
     optimizer.step()
     saved = weights_of(model)
 
-    checkpointer.save_last(model, optimizer, scheduler, {"step": 1, "epoch": 0}, asynchronous=True)
+    save_last(checkpointer, {"step": 1, "epoch": 0}, asynchronous=True)
     model(torch.randn(16, 4) * 5 + 3)  # running_mean/var and num_batches_tracked move at once
     assert not torch.equal(model[1].running_mean, saved["1.running_mean"])
     checkpointer.wait()
@@ -437,8 +469,8 @@ def test_async_save_keeps_buffers_as_they_were_when_a_forward_updates_them(tmp_p
 def test_async_save_releases_the_optimizer_step_before_the_files_are_written(tmp_path, accelerator, monkeypatch):
     """The state is copied into host buffers first: the write itself never holds training."""
     run_dir = tmp_path / "run"
-    checkpointer = Checkpointer(run_dir, accelerator, monitor="val_loss", mode="min", save_top_k=1)
     model, optimizer, scheduler = trained()
+    checkpointer = checkpointer_for(run_dir, accelerator, model, optimizer, scheduler, monitor="val_loss", mode="min", save_top_k=1)
     saved_weights, saved_optimizer = weights_of(model), optimizer_tensors(optimizer)
     may_write = __import__("threading").Event()
     real_write = tensors.write_tensors
@@ -448,7 +480,7 @@ def test_async_save_releases_the_optimizer_step_before_the_files_are_written(tmp
         return real_write(*args, **kwargs)
 
     monkeypatch.setattr(tensors, "write_tensors", held_write)
-    checkpointer.save_last(model, optimizer, scheduler, {"step": 3, "epoch": 0}, asynchronous=True)
+    save_last(checkpointer, {"step": 3, "epoch": 0}, asynchronous=True)
     model(torch.randn(6, 4)).pow(2).mean().backward()
     checkpointer.before_optimizer_step()  # returns although not one byte is written
     optimizer.step()
@@ -459,5 +491,5 @@ def test_async_save_releases_the_optimizer_step_before_the_files_are_written(tmp
 
     assert_weights_equal(load_file(run_dir / "last" / WEIGHTS), saved_weights)
     fresh, fresh_optimizer, fresh_scheduler = trained(seed=1, steps=1)
-    checkpointer.load(run_dir / "last", fresh, fresh_optimizer, fresh_scheduler)
+    checkpointer_for(run_dir, accelerator, fresh, fresh_optimizer, fresh_scheduler).load(run_dir / "last")
     assert_weights_equal(optimizer_tensors(fresh_optimizer), saved_optimizer)

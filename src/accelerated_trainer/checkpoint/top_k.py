@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
+
+from ..metrics import rank_key
 
 
 @dataclass
@@ -15,13 +16,6 @@ class Entry:
     epoch: int
     step: int
     value: float | None = None
-
-
-def rank_key(value: float, mode: Literal["min", "max"]) -> float:
-    """Sort key where smaller is better; NaN ranks worst."""
-    if math.isnan(value):
-        return math.inf
-    return value if mode == "min" else -value
 
 
 def select_top_k(kept: list[Entry], candidate: Entry, k: int, mode: Literal["min", "max"]) -> tuple[list[Entry], list[Entry]]:

@@ -10,7 +10,7 @@ what they share, loading the whole TrainerConfig, load_config and its error mess
 from .base import ConfigError
 from .dataset import TORCH_DTYPES, DatasetOptions, TextOptions, TransformOptions
 from .experiment import ExperimentOptions, WandbOptions
-from .loading import TrainerConfig, json_schema, load_config
+from .loading import CheckpointOptions, TrainerConfig, json_schema, load_config
 from .model import ModelOptions
 from .training import (
     MAXIMIZED_METRICS,
@@ -26,6 +26,7 @@ __all__ = [
     "MAXIMIZED_METRICS",
     "TASK_METRICS",
     "TORCH_DTYPES",
+    "CheckpointOptions",
     "ConfigError",
     "DatasetOptions",
     "EarlyStoppingOptions",

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import difflib
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 from pydantic import BaseModel, Field, ValidationError
 
@@ -33,6 +34,29 @@ class TrainerConfig(_Section):
     @property
     def run_dir(self) -> Path:
         return Path(self.experiment_options.ckpt_dir) / self.experiment_options.title
+
+    @property
+    def checkpoint(self) -> "CheckpointOptions":
+        """The checkpoint settings, gathered from training_options and experiment_options."""
+        training, experiment = self.training_options, self.experiment_options
+        return CheckpointOptions(
+            monitor=training.monitor, mode=training.mode, save_top_k=training.save_top_k,
+            save_every_n_steps=training.save_every_n_steps, resume=experiment.resume, overwrite=experiment.overwrite,
+            async_save=experiment.async_save, on_save_error=experiment.on_save_error)
+
+
+@dataclass(frozen=True)
+class CheckpointOptions:
+    """The Checkpointer's settings (documented where they live in the config file)."""
+
+    monitor: str
+    mode: Literal["min", "max"]
+    save_top_k: int
+    save_every_n_steps: int | None
+    resume: Union[bool, str]
+    overwrite: bool
+    async_save: bool
+    on_save_error: Literal["stop", "continue"]
 
 
 # ---------------------------------------------------------------- loading and errors

@@ -19,7 +19,8 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
 
 from .. import data
-from ..checkpoint import Checkpointer
+from ..checkpoint import Checkpointer, ModelState, RunSignature
+from ..checkpoint.states import MODEL, OPTIMIZER, TRAINER
 from ..config import ConfigError, ExperimentOptions, TrainerConfig, TrainingOptions
 from ..early_stopping import EarlyStopping
 from ..metrics import build_loss
@@ -101,11 +102,21 @@ class TrainerParts:
 
     def _build_components(self) -> None:
         training = self.config.training_options
-        self.checkpointer = Checkpointer(self.run_dir, self.accelerator, training.monitor, training.mode, training.save_top_k)
         stopping = training.early_stopping
         self.early_stopping = stopping and EarlyStopping(training.mode, stopping.patience, stopping.min_delta)
-        self.tracker = Tracker(self.accelerator, self.config.experiment_options, self.run_dir, self.config.model_dump(mode="json"))
+        config = self.config.model_dump(mode="json")
+        self.tracker = Tracker(self.accelerator, self.config.experiment_options, self.run_dir, config)
         self.state = TrainingState(num_processes=self.accelerator.num_processes)
+        states = {MODEL: ModelState(self.accelerator, self.model), OPTIMIZER: self.optimizer, "scheduler": self.scheduler,
+                  TRAINER: self.state}
+        if (scaler := getattr(self.accelerator, "scaler", None)) is not None:
+            states["scaler"] = scaler
+        if self.early_stopping:
+            states["early_stopping"] = self.early_stopping
+        signature = RunSignature(config, self.accelerator.num_processes, self.train_sampler.num_rows, self.data_fingerprint,
+                                 self.total_steps)
+        self.checkpointer = Checkpointer(self.run_dir, self.accelerator, self.config.checkpoint, states, signature=signature,
+                                         guard=self._check_finite)
         self.preempted = False
         self._step_skipped = False
         self._stop_on_nonfinite = self.config.training_options.nonfinite_loss == "stop"

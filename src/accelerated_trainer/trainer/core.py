@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
@@ -17,12 +16,10 @@ from ..checkpoint import files
 from ..config import TrainerConfig, load_config
 from ..metrics import ValidationMetrics
 from ..preemption import StopRequest
-from ..checkpoint import CheckpointError
 from ..tracking import Progress
-from . import resume
 from .build import TrainerParts
 from .forward import token_count
-from .report import say, summary
+from ..tracking import say, summary
 from .state import TrainResult
 
 
@@ -58,21 +55,18 @@ class AcceleratedTrainer(TrainerParts):
         self._start_run()
         try:
             stop_reason = self._run_epochs()
-            if self.checkpointer.last is None or self.checkpointer.last.step != self.state.step:
-                self._save_last()
-            self._guard_save(self.checkpointer.wait)  # the run ends with its checkpoints on disk
+            self.checkpointer.finish(self.state.epoch, self.state.step)  # the run ends with its checkpoints on disk
         except BaseException as err:
             self._close_after_failure(err)
             raise
         finally:
-            self.checkpointer.release_staging()  # nothing is in flight any more
             self.progress.close()
             self.stop_request.uninstall()
         return self._finish(stop_reason, time.perf_counter() - started)
 
     def _start_run(self) -> None:
-        resume.prepare_run_dir(self.checkpointer, self.config.experiment_options, self.run_dir)
-        self._maybe_resume()
+        self.checkpointer.resume()
+        self.state.num_processes = self.accelerator.num_processes
         # Written only once the run can start: a refused resume leaves the directory as it was.
         if self.accelerator.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -87,7 +81,7 @@ class AcceleratedTrainer(TrainerParts):
 
     def _run_epochs(self) -> str:
         n_epochs = self.config.training_options.n_epochs
-        stop_reason = resume.stop_reason_before_start(self.state, self.config.training_options)
+        stop_reason = self._stop_reason_before_start()
         while stop_reason is None:
             stop_reason = self._train_epoch()
             if stop_reason is None and self.state.epoch >= n_epochs:
@@ -121,7 +115,7 @@ class AcceleratedTrainer(TrainerParts):
         reason = None
         if self.eval_loader is not None and not self.config.training_options.eval_every_n_steps:
             reason = self._evaluate_and_checkpoint()
-        self._save_last()
+        self.checkpointer.on_epoch_end(self.state.epoch, step=self.state.step)
         self.progress.end_epoch(**{k: v for k, v in self.last_metrics.items() if k == self.config.training_options.monitor})
         return reason
 
@@ -177,8 +171,7 @@ class AcceleratedTrainer(TrainerParts):
         reason = None
         if training.eval_every_n_steps and step % training.eval_every_n_steps == 0 and self.eval_loader is not None:
             reason = self._evaluate_and_checkpoint()
-        if training.save_every_n_steps and step % training.save_every_n_steps == 0:
-            self._save_last()
+        self.checkpointer.on_step(self.state.epoch, step)
         if reason is None and training.max_steps and step >= training.max_steps:
             reason = f"reached max_steps={training.max_steps}"
         if reason is None and (reason := self.stop_request.should_stop()):
@@ -242,23 +235,12 @@ class AcceleratedTrainer(TrainerParts):
             "training_options.nonfinite_loss to \"skip\" to skip such steps."
         )
 
-    def _guard_save(self, save: Callable[[], Any]) -> None:
-        """Run a checkpoint write under experiment_options.on_save_error."""
-        try:
-            save()
-        except CheckpointError as err:
-            if self.config.experiment_options.on_save_error == "stop":
-                raise
-            say(self.accelerator, f"warning: {err} Training goes on (experiment_options.on_save_error: continue).")
-
     def _evaluate_and_checkpoint(self) -> str | None:
         training = self.config.training_options
         self._check_finite()
         self.last_metrics = self.evaluate()
         value = self.last_metrics[training.monitor]
-        self._guard_save(self.checkpointer.wait)  # a `last` save still in flight reports first
-        self._guard_save(lambda: self.checkpointer.maybe_save_top(
-            self.model, value, self.state.epoch, self.state.step, self.last_metrics))
+        self.checkpointer.on_evaluation(self.last_metrics, self.state.epoch, self.state.step)
         best = self.checkpointer.best
         self.tracker.log({**self.last_metrics, "epoch": self.state.epoch,
                           f"best_{training.monitor}": best.value if best else value}, step=self.state.step)
@@ -269,42 +251,20 @@ class AcceleratedTrainer(TrainerParts):
         flag = self.accelerator.reduce(torch.tensor(float(should_stop), device=self.accelerator.device), reduction="sum")
         return reason if flag.item() > 0 else None
 
-    def _save_last(self) -> None:
-        self._check_finite()
-        trainer_state = {
-            **self.state.state_dict(),
-            "early_stopping": self.early_stopping.state_dict() if self.early_stopping else None,
-            "config": self.config.model_dump(mode="json"),
-            "data": {"train_rows": self.train_sampler.num_rows, "train_fingerprint": self.data_fingerprint},
-        }
-        self._guard_save(self.checkpointer.wait)  # the save before, if still in flight, reports first
-        self._guard_save(lambda: self.checkpointer.save_last(self.model, self.optimizer, self.scheduler, trainer_state,
-                                                             asynchronous=self.config.experiment_options.async_save))
-
-    # ------------------------------------------------------------ resume and the end of the run
-
-    def _maybe_resume(self) -> None:
-        found = resume.find_checkpoint(self.checkpointer, self.config.experiment_options.resume, self.run_dir, self.accelerator)
-        if found is None:
-            return
-        saved = self.checkpointer.load(found, self.model, self.optimizer, self.scheduler)
-        for change in resume.changes_since(saved, self.config.model_dump(mode="json"), self.accelerator.num_processes,
-                                           self.data_fingerprint, self.train_sampler.num_rows):
-            say(self.accelerator, change)
-        if self.early_stopping and saved["early_stopping"]:
-            self.early_stopping.load_state_dict(saved["early_stopping"])
-        self.state.load_state_dict({k: saved[k] for k in asdict(self.state) if k in saved})
-        self.state.num_processes = self.accelerator.num_processes
-        say(self.accelerator, f"resume: continuing from {found} at epoch {self.state.epoch}, step {self.state.step}.")
+    def _stop_reason_before_start(self) -> str | None:
+        """Why a resumed run has nothing left to do, or None."""
+        training = self.config.training_options
+        if self.state.epoch >= training.n_epochs:
+            return f"completed {training.n_epochs} epochs (already done in the resumed checkpoint)"
+        if training.max_steps and self.state.step >= training.max_steps:
+            return f"reached max_steps={training.max_steps} (already done in the resumed checkpoint)"
+        return None
 
     def _close_after_failure(self, err: BaseException) -> None:
         # Let a save in flight finish, so the last good state is kept (only this process's own
         # write: the others may never get here), and close the tracker so the logged history is
         # kept. Never mask the original error.
-        try:
-            self.checkpointer.wait(agree=False)
-        except Exception:
-            pass
+        self.checkpointer.abort()
         try:
             self.tracker.finish({"stop_reason": f"failed: {type(err).__name__}: {err}", "steps": self.state.step})
         except Exception:

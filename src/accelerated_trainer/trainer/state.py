@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 
@@ -22,8 +22,10 @@ class TrainingState:
         return asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
+        # A checkpoint's state.json holds other states beside these keys.
+        for key in (f.name for f in fields(self)):
+            if key in state:
+                setattr(self, key, state[key])
 
 
 @dataclass

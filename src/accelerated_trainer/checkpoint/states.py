@@ -1,0 +1,109 @@
+"""What a checkpoint holds: the run's resumable state as a registry {name: Stateful}.
+
+Each entry follows torch's Stateful protocol (`state_dict()` / `load_state_dict(state)`), the
+protocol torch.distributed.checkpoint consumes too. Optimizers, schedulers, grad scalers, the
+training state and early stopping follow it already; the adapters here cover what does not:
+the model's weights (gathered by accelerate, each storage once) and each process's RNG.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+MODEL, OPTIMIZER, RNG, TRAINER = "model", "optimizer", "rng", "trainer"
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
+
+
+class ModelState:
+    """The model's weights as a flat dict of tensors, each storage once.
+
+    Tied weights share one storage; they are stored under one name (the first in the model's
+    state dict) and re-tied on load. Under FSDP and DeepSpeed, `state_dict` is collective:
+    accelerate gathers the full weights onto the main process.
+    """
+
+    def __init__(self, accelerator, model: torch.nn.Module):
+        self.accelerator, self.model = accelerator, model
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The model without its distributed wrapper."""
+        return self.accelerator.unwrap_model(self.model)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return one_entry_per_storage(self.accelerator.get_state_dict(self.model))
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Raises:
+            KeyError: the weights do not fit the model (names missing or unexpected)."""
+        missing, unexpected = load_weights(self.module, state_dict)
+        if missing or unexpected:
+            raise KeyError(f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+
+
+def one_entry_per_storage(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state without the names that alias a storage already listed (tied weights), contiguous."""
+    seen, kept = set(), {}
+    for name, tensor in state.items():
+        key = _alias_key(tensor)
+        if key is None or key not in seen:
+            seen.add(key)
+            kept[name] = tensor if tensor.is_contiguous() else tensor.contiguous()
+    return kept
+
+
+def _alias_key(tensor: torch.Tensor) -> tuple | None:
+    """Equal for two names of the same tensor memory (tied weights); None for empty tensors."""
+    if tensor.numel() == 0:
+        return None
+    return tensor.device, tensor.data_ptr(), tensor.shape, tensor.stride(), tensor.dtype
+
+
+def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    """Load weights stored one entry per storage; (missing, unexpected) names.
+
+    A name the file lacks is not missing when it shares its storage with a name the file has:
+    loading that one fills both (safetensors' load_model does the same).
+    """
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    groups = defaultdict(set)
+    for name, tensor in model.state_dict().items():
+        groups[_alias_key(tensor) or name].add(name)
+    aliased = {name for names in groups.values() if names & weights.keys() for name in names}
+    return [name for name in missing if name not in aliased], list(unexpected)
+
+
+class RNGState:
+    """This process's python, numpy and torch (CPU and CUDA) random number generators, as JSON."""
+
+    def state_dict(self) -> dict[str, Any]:
+        version, internal, gauss = random.getstate()
+        np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+        state = {
+            "python": [version, list(internal), gauss],
+            "numpy": [np_name, np_keys.tolist(), int(np_pos), int(np_has_gauss), float(np_gauss)],
+            "torch": torch.get_rng_state().tolist(),
+        }
+        if torch.cuda.is_available():
+            state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        version, internal, gauss = state_dict["python"]
+        random.setstate((version, tuple(internal), gauss))
+        name, keys, pos, has_gauss, cached = state_dict["numpy"]
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+        torch.set_rng_state(torch.tensor(state_dict["torch"], dtype=torch.uint8))
+        if "cuda" in state_dict and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state_dict["cuda"]])

@@ -1,0 +1,135 @@
+"""A full checkpoint: every registered state in one directory, written by the main process.
+
+    model.safetensors       the weights, each storage once (tied weights re-tied on load)
+    optimizer.safetensors   the optimizer's tensors; optimizer.json the rest of its state
+    state.json              every other state as JSON: the training state's keys at the top, the
+                            others under their registry names (scheduler, early_stopping, ...)
+    rng-rank{N}.json        each process's RNG, written by that process
+
+A save is taken in two parts. `capture` runs on the training thread of every process (gathering
+the weights is collective under FSDP and DeepSpeed): it serializes everything but the
+parameters and the optimizer's tensors, which change only in the optimizer step. `write` then
+runs on the main process, on a background thread for an asynchronous save: it copies those
+tensors into staging buffers, calls `captured()` (the optimizer step may go on), and writes the
+files from the copies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file
+
+from . import files, tensors
+from .async_writer import Staging
+from .files import CheckpointError
+from .states import MODEL, OPTIMIZER, RNG, TRAINER
+
+WEIGHTS = "model.safetensors"
+STATE = "state.json"
+TENSOR_FILES = (WEIGHTS, f"{OPTIMIZER}.safetensors")  # the bulk of a checkpoint, rewritten in place by a later save
+_OWN_FILES = (MODEL, OPTIMIZER, RNG)  # states with files of their own; the rest go to state.json
+
+
+def rng_file(process_index: int) -> str:
+    return f"rng-rank{process_index}.json"
+
+
+@dataclass
+class Capture:
+    """What a save writes, as taken on the training thread."""
+
+    weights: dict[str, torch.Tensor]
+    optimizer_skeleton: Any
+    optimizer_tensors: dict[str, torch.Tensor]
+    state_text: str
+    rng: dict | None
+    asynchronous: bool = False  # the optimizer tensors and the `live` weights are still to copy
+    live: set[str] = field(default_factory=set)
+
+
+class FullStore:
+    """Writes and reads full checkpoints of a registry {name: Stateful}."""
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        self.staging = Staging()  # host buffers of asynchronous saves, kept from save to save
+
+    def capture(self, states: dict, asynchronous: bool) -> Capture:
+        """Take the state to save; every process calls it at the same point (collective).
+
+        With `asynchronous`, the parameters and optimizer tensors are left live for `write` to
+        copy; buffers (which a forward may update) are copied now.
+        """
+        weights = {name: tensors.host_tensor(value) if not asynchronous else value.detach()
+                   for name, value in states[MODEL].state_dict().items()}
+        skeleton, optimizer_tensors = tensors.split_tensors(states[OPTIMIZER].state_dict(), to_host=not asynchronous)
+        live = set()
+        if asynchronous:
+            module = states[MODEL].module
+            parameters = {p.data_ptr() for p in module.parameters()}
+            buffers = {b.data_ptr() for b in module.buffers()}
+            # Parameters are copied on the save thread; a gathered copy (FSDP, ZeRO-3) is no live tensor.
+            live = {name for name, tensor in weights.items() if tensor.data_ptr() in parameters}
+            for name in weights.keys() - live:
+                weights[name] = tensors.host_tensor(weights[name], copy=weights[name].data_ptr() in buffers)
+        json_states = {}
+        for name, state in states.items():
+            if name not in _OWN_FILES:
+                json_states.update(state.state_dict() if name == TRAINER else {name: state.state_dict()})
+        rng = states[RNG].state_dict() if RNG in states else None
+        return Capture(weights, skeleton, optimizer_tensors, files.to_json(json_states), rng, asynchronous, live)
+
+    def write_own(self, capture: Capture, directory: Path) -> None:
+        """This process's part of the checkpoint (its RNG), on every process."""
+        if capture.rng is not None:
+            files.write_json(directory / rng_file(self.accelerator.process_index), capture.rng, indent=None)
+
+    def write(self, capture: Capture, directory: Path, captured: Callable[[], None] = lambda: None,
+              pause: float | Callable[[], float] = 0.0) -> dict[str, str]:
+        """Write the main process's files; return their checksums for the seal.
+
+        `captured()` is called once the live tensors are copied; `pause`: as for tensors.write_tensors.
+        """
+        weights, optimizer_tensors = capture.weights, capture.optimizer_tensors
+        if capture.asynchronous:
+            weights = {**weights, **self.staging.copy({name: weights[name] for name in capture.live}, MODEL)}
+            optimizer_tensors = self.staging.copy(optimizer_tensors, OPTIMIZER)
+        captured()
+        checksums = {WEIGHTS: tensors.write_tensors(directory / WEIGHTS, weights, metadata={"format": "pt"}, pause=pause)}
+        checksums |= tensors.write_state(capture.optimizer_skeleton, optimizer_tensors, directory, OPTIMIZER, pause=pause)
+        (directory / STATE).write_text(capture.state_text)
+        return checksums
+
+    def read(self, directory: Path, states: dict) -> dict:
+        """Load every registered state from a verified checkpoint; return what state.json held.
+
+        A JSON state the checkpoint does not hold (early stopping switched on since) keeps its
+        fresh value; so does the RNG of a process the checkpoint did not have.
+
+        Raises:
+            CheckpointError: the weights do not fit the model.
+        """
+        directory = Path(directory)
+        try:
+            states[MODEL].load_state_dict(load_file(str(directory / WEIGHTS), device="cpu"))
+        except KeyError as err:
+            raise CheckpointError(f"{directory / WEIGHTS} does not fit the model: {err.args[0]}.") from None
+        states[OPTIMIZER].load_state_dict(tensors.load_state(directory, OPTIMIZER))
+        saved = files.read_json(directory / STATE)
+        for name, state in states.items():
+            if name == TRAINER:
+                state.load_state_dict(saved)
+            elif name not in _OWN_FILES and saved.get(name) is not None:
+                state.load_state_dict(saved[name])
+        own_rng = directory / rng_file(self.accelerator.process_index)
+        if RNG in states and own_rng.is_file():
+            states[RNG].load_state_dict(files.read_json(own_rng))
+        return saved
+
+    def release(self) -> None:
+        """Free the staging buffers (after the last save of a run)."""
+        self.staging.release()
