@@ -1,4 +1,4 @@
-"""metrics.py: default losses by task and the validation metrics computed from gathered results."""
+"""metrics.py and loss.py: default losses by task and the validation metrics computed from gathered results."""
 
 import math
 
@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from accelerated_trainer.metrics import ValidationMetrics, build_loss
+from accelerated_trainer.loss import build_loss
+from accelerated_trainer.metrics import ValidationMetrics
 
 
 class OneProcess:

@@ -1,19 +1,29 @@
-"""Stopping policy: a pure decision over validation values, with state that survives a resume."""
+"""Why training stops (Stop), and early stopping: a pure decision over validation values,
+agreed across processes, with state that survives a resume."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+from .distributed import any_process
 from .metrics import is_improvement
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Why training stops, whatever stopped it."""
+
+    reason: str  # for people: "completed 10 epochs", "preempted by SIGTERM", ...
+    preempted: bool = False  # a signal or max_time_s: `last` is saved and the run should be resumed
 
 
 @dataclass
 class EarlyStopping:
     """Counts evaluations without improvement of the monitored metric.
 
-    Lightning's vocabulary: `patience` evaluations, `min_delta`, `mode`. A non-finite value
-    counts as no improvement, so a diverged run stops after `patience` evaluations.
+    Lightning's vocabulary: `monitor`, `patience` evaluations, `min_delta`, `mode`. A non-finite
+    value counts as no improvement, so a diverged run stops after `patience` evaluations.
     """
 
     mode: Literal["min", "max"]
@@ -21,6 +31,15 @@ class EarlyStopping:
     min_delta: float = 0.0
     best: float | None = None
     evaluations_without_improvement: int = 0
+    monitor: str = "val_loss"
+
+    def check(self, metrics: dict[str, float], accelerator) -> Stop | None:
+        """Record one evaluation's gathered metrics on every process; the agreed Stop, or None."""
+        should_stop, reason = self.update(metrics[self.monitor])
+        # Every process holds the same gathered value; the agreement makes that explicit.
+        if any_process(accelerator, should_stop):
+            return Stop(reason or f"early stopping: another process saw no improvement in {self.patience} evaluations")
+        return None
 
     def update(self, value: float) -> tuple[bool, str | None]:
         """Record one validation value; return (should_stop, reason)."""

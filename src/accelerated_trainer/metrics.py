@@ -1,24 +1,21 @@
-"""Losses by name and validation metrics over results gathered from every process.
+"""What a run measures: the training-log window, validation metrics, and the ordering of a
+monitored value (which is better) that top-k checkpoints and early stopping share.
 
-Metrics are reductions over `accelerator.gather_for_metrics` results, which drops the samples
-that distributed sampling repeats to even out the last batch, so every process computes the
-same values over exactly the validation set.
+Validation metrics are reductions over `accelerator.gather_for_metrics` results, which drops
+the samples that distributed sampling repeats to even out the last batch, so every process
+computes the same values over exactly the validation set.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
+import time
 from typing import Literal
 
 import torch
-from torch import nn
 
-from .config import ConfigError, LossOptions
+from .loss import IGNORE_INDEX, token_count
 
-IGNORE_INDEX = -100  # CrossEntropyLoss's default ignore_index, also used by HF models
-
-DEFAULT_LOSS = {"classification": "CrossEntropyLoss", "regression": "MSELoss", "language_modeling": "CrossEntropyLoss"}
 CLASS_TASKS = ("classification", "language_modeling")  # outputs are class scores, labels class indices
 
 
@@ -36,33 +33,6 @@ def is_improvement(value: float, best: float | None, mode: Literal["min", "max"]
     if best is None or math.isnan(best):
         return True
     return value < best - min_delta if mode == "min" else value > best + min_delta
-
-
-def build_loss(options: LossOptions | None, task: str) -> nn.Module:
-    """The configured torch.nn loss with per-sample reduction ('none'); the trainer takes the mean.
-
-    Per-sample values let validation average over exactly the gathered samples.
-    """
-    options = options or LossOptions(name=DEFAULT_LOSS[task])
-    cls = getattr(nn, options.name, None)
-    if not (inspect.isclass(cls) and issubclass(cls, nn.modules.loss._Loss)):
-        raise ConfigError(
-            f"training_options.loss_function.name: {options.name!r} is not a torch.nn loss "
-            "(e.g. CrossEntropyLoss, MSELoss, L1Loss, SmoothL1Loss, BCEWithLogitsLoss)."
-        )
-    if "reduction" in options.kwargs:
-        raise ConfigError("training_options.loss_function.kwargs: leave out 'reduction'; the trainer averages per-sample losses.")
-    try:
-        return cls(reduction="none", **options.kwargs)
-    except TypeError as err:
-        raise ConfigError(f"training_options.loss_function.kwargs do not fit {options.name}: {err}.") from None
-
-
-def per_sample(loss: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Reduce an elementwise loss to one value per sample (mean over the other dimensions)."""
-    if loss.ndim == 0:  # a model's own loss is already a batch mean
-        return loss.expand(batch_size)
-    return loss.reshape(loss.shape[0], -1).mean(dim=1)
 
 
 class ValidationMetrics:
@@ -103,3 +73,61 @@ class ValidationMetrics:
                 result["val_mae"] = errors.abs().mean().item()
                 result["val_mse"] = errors.pow(2).mean().item()
         return result
+
+
+class TrainWindow:
+    """The training-log window: the losses and counts since the last log, reduced once per log.
+
+    `add` runs every micro-batch and never syncs with the host; `compute` is the one reduction
+    of the loss per logging interval. With `skip_nonfinite` (nonfinite_loss "skip") the losses
+    of skipped steps stay out of the sum.
+    """
+
+    def __init__(self, accelerator, every_n_steps: int, skip_nonfinite: bool):
+        self.accelerator = accelerator
+        self.every_n_steps = every_n_steps
+        self.add = self._add_finite if skip_nonfinite else self._add
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum = torch.zeros((), device=self.accelerator.device)
+        self.micro_batches = self.samples = self.tokens = 0
+        self.started = time.perf_counter()
+
+    def should_log(self, step: int) -> bool:
+        return step % self.every_n_steps == 0
+
+    def _add(self, loss: torch.Tensor, batch: dict[str, torch.Tensor]) -> int:
+        """Count one micro-batch; return its rows."""
+        self.loss_sum += loss.detach()
+        return self._count(batch)
+
+    def _add_finite(self, loss: torch.Tensor, batch: dict[str, torch.Tensor]) -> int:
+        self.loss_sum += torch.nan_to_num(loss.detach(), 0.0, 0.0, 0.0)
+        return self._count(batch)
+
+    def _count(self, batch: dict[str, torch.Tensor]) -> int:
+        rows = batch["labels"].shape[0]
+        self.micro_batches += 1
+        self.samples += rows
+        self.tokens += token_count(batch)
+        return rows
+
+    def compute(self) -> dict[str, float] | None:
+        """train_loss (mean over the window and the processes) and throughput; None if empty.
+
+        A NaN/inf loss of any process makes train_loss non-finite.
+        """
+        if self.micro_batches == 0:
+            return None
+        processes = self.accelerator.num_processes
+        loss = self.accelerator.reduce(self.loss_sum / self.micro_batches, reduction="mean").item()
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        metrics = {"train_loss": loss, "samples_per_s": self.samples * processes / elapsed}
+        if self.tokens:
+            metrics["tokens_per_s"] = self.tokens * processes / elapsed
+        return metrics
+
+    def is_finite(self) -> bool:
+        """Whether every process's losses since the last log are finite (one reduction)."""
+        return math.isfinite(self.accelerator.reduce(self.loss_sum, reduction="sum").item())

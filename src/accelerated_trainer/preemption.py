@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from .early_stopping import Stop
+
 
 class StopRequest:
     """Collects stop requests (signals, the time budget) and agrees on them across processes."""
@@ -53,8 +55,12 @@ class StopRequest:
             return "max_time_s reached"
         return None
 
-    def should_stop(self) -> str | None:
-        """The agreed reason to stop now, or None. Call once per optimizer step on every process."""
+    def should_stop(self) -> Stop | None:
+        """The agreed Stop (preempted), or None. Call once per optimizer step on every process."""
+        reason = self._agreed_reason()
+        return None if reason is None else Stop(reason, preempted=True)
+
+    def _agreed_reason(self) -> str | None:
         if self.accelerator.num_processes == 1:
             return self._local_reason()
         import torch.distributed as dist

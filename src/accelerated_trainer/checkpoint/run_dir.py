@@ -14,7 +14,6 @@ use, clearing an earlier run, and what changed since a checkpoint was written.
 from __future__ import annotations
 
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -140,7 +139,3 @@ def changes_since(saved: dict, current: dict) -> list[str]:
                        f"{saved['data']['train_fingerprint']} -> {current['data']['train_fingerprint']}, "
                        f"{saved['data']['train_rows']} -> {current['data']['train_rows']} rows).")
     return changes
-
-
-def entry_dict(entry: Entry | None) -> dict | None:
-    return entry and asdict(entry)

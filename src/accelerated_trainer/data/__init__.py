@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..config import ConfigError, DatasetOptions
+from ..loss import IGNORE_INDEX
 from .batches import DTYPES, ColumnarBatches, RowByRow, _stacked_shape
 from .in_process import InProcessLoader
 from .sampling import EpochSampler
@@ -32,7 +33,6 @@ from .text import tokenize_and_pack
 
 __all__ = ["FORMATS", "ColumnarBatches", "DataError", "EpochSampler", "InProcessLoader", "RowByRow", "Splits", "build_loader", "describe", "load_splits"]
 
-IGNORE_INDEX = -100  # torch's CrossEntropyLoss and HF models skip targets of this value
 
 
 @dataclass

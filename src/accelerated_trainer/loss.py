@@ -1,4 +1,5 @@
-"""The model call and its loss: BatchLoss turns a batch into per-sample losses and predictions.
+"""Losses: the configured torch.nn loss, and BatchLoss, which calls the model on a batch and
+turns its output into per-sample losses and predictions.
 
 A model that fails, or whose output does not fit the loss, raises ModelError with a message
 that names the call, the batch's shapes and what the loss expects.
@@ -6,11 +7,43 @@ that names the call, the batch's shapes and what the loss expects.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
+from torch import nn
 
-from ..metrics import per_sample
+from .config import ConfigError, LossOptions
+
+IGNORE_INDEX = -100  # CrossEntropyLoss's default ignore_index, also used by HF models: a target to skip
+DEFAULT_LOSS = {"classification": "CrossEntropyLoss", "regression": "MSELoss", "language_modeling": "CrossEntropyLoss"}
+
+
+def build_loss(options: LossOptions | None, task: str) -> nn.Module:
+    """The configured torch.nn loss with per-sample reduction ('none'); the trainer takes the mean.
+
+    Per-sample values let validation average over exactly the gathered samples.
+    """
+    options = options or LossOptions(name=DEFAULT_LOSS[task])
+    cls = getattr(nn, options.name, None)
+    if not (inspect.isclass(cls) and issubclass(cls, nn.modules.loss._Loss)):
+        raise ConfigError(
+            f"training_options.loss_function.name: {options.name!r} is not a torch.nn loss "
+            "(e.g. CrossEntropyLoss, MSELoss, L1Loss, SmoothL1Loss, BCEWithLogitsLoss)."
+        )
+    if "reduction" in options.kwargs:
+        raise ConfigError("training_options.loss_function.kwargs: leave out 'reduction'; the trainer averages per-sample losses.")
+    try:
+        return cls(reduction="none", **options.kwargs)
+    except TypeError as err:
+        raise ConfigError(f"training_options.loss_function.kwargs do not fit {options.name}: {err}.") from None
+
+
+def per_sample(loss: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Reduce an elementwise loss to one value per sample (mean over the other dimensions)."""
+    if loss.ndim == 0:  # a model's own loss is already a batch mean
+        return loss.expand(batch_size)
+    return loss.reshape(loss.shape[0], -1).mean(dim=1)
 
 
 class ModelError(RuntimeError):
@@ -28,9 +61,10 @@ class BatchLoss:
     """Calls the model on a batch and computes the loss, the same way for training and validation.
 
     `features` is the model's first argument; any other input column (input_ids,
-    attention_mask, ...) is a keyword argument; `labels` too when `pass_labels`. A model that
-    returns its own loss (HF ModelOutput.loss or a dict with "loss") keeps it; otherwise
-    `loss_fn` (elementwise, reduction="none") compares its predictions with the labels.
+    attention_mask, ...) is a keyword argument; `labels` too when `pass_labels` and the batch
+    has them. A model that returns its own loss (HF ModelOutput.loss or a dict with "loss")
+    keeps it; otherwise `loss_fn` (elementwise, reduction="none") compares its predictions
+    with the labels.
     """
 
     def __init__(self, model: torch.nn.Module, loss_fn: torch.nn.Module, *, pass_labels: bool, task: str, label_column: str):
@@ -40,7 +74,7 @@ class BatchLoss:
         self.task = task
         self.label_column = label_column  # for messages
 
-    # A named method, not __call__: calling an instance with keywords packs them into a new dict
+    # Named methods, not __call__: calling an instance with keywords packs them into a new dict
     # and tuple on every training step (about 0.25 us on Python 3.11); a method call does not.
     def compute(self, batch: dict[str, torch.Tensor], per_sample_losses: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-sample losses and the model's predictions (None when it only returns a loss).
@@ -48,25 +82,34 @@ class BatchLoss:
         With `per_sample_losses` false the losses come as the loss function returns them
         (elementwise, or the model's own mean): their mean is the same batch loss, with fewer ops.
         """
-        labels = batch["labels"]
+        model_loss, predictions = self.forward(batch)
+        return self.loss(model_loss, predictions, batch, per_sample_losses), predictions
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The model's own loss (or None) and its predictions (or None) for a batch; labels optional."""
         inputs = {name: value for name, value in batch.items() if name != "labels"}
         args = (inputs.pop("features"),) if "features" in inputs else ()
-        if self.pass_labels:
-            inputs["labels"] = labels
+        if self.pass_labels and "labels" in batch:
+            inputs["labels"] = batch["labels"]
         try:
             output = self.model(*args, **inputs)
         except (TypeError, ValueError, RuntimeError, IndexError, KeyError, AttributeError) as err:
             if isinstance(err, torch.distributed.DistError):
                 raise
+            call = ", ".join(["features"] * bool(args) + [f"{name}=..." for name in inputs])
             raise ModelError(
                 f"the model's forward raised {type(err).__name__}: {err}. Its inputs come from "
-                "dataset_options.feature_columns / input_columns; it was called as "
-                f"model({'features, ' if args else ''}{', '.join(f'{k}=' for k in inputs)}) with {_shapes(batch)}; "
+                f"dataset_options.feature_columns / input_columns; it was called as model({call}) with {_shapes(batch)}; "
                 f"{EXPECTED_OUTPUT.get(self.task, EXPECTED_OUTPUT['classification'])}"
             ) from err
-        model_loss, predictions = _unpack_output(output)
+        return _unpack_output(output)
+
+    def loss(self, model_loss: torch.Tensor | None, predictions: torch.Tensor | None, batch: dict[str, torch.Tensor],
+             per_sample_losses: bool = True) -> torch.Tensor:
+        """The loss of a forward's output against the batch's labels (see compute)."""
+        labels = batch["labels"]
         if model_loss is not None:
-            return (per_sample(model_loss, labels.shape[0]) if per_sample_losses else model_loss), predictions
+            return per_sample(model_loss, labels.shape[0]) if per_sample_losses else model_loss
         if self.task == "regression" and predictions.numel() == labels.numel():
             predictions = predictions.reshape(labels.shape)  # (B, 1) outputs against (B,) targets
         try:
@@ -77,16 +120,17 @@ class BatchLoss:
                 losses = self.loss_fn(predictions, labels)
         except (RuntimeError, ValueError, IndexError) as err:
             raise self._loss_error(err, predictions, labels, batch) from err
-        return (per_sample(losses, labels.shape[0]) if per_sample_losses else losses), predictions
+        return per_sample(losses, labels.shape[0]) if per_sample_losses else losses
 
     def _loss_error(self, err: Exception, predictions: torch.Tensor, labels: torch.Tensor, batch: dict[str, torch.Tensor]) -> ModelError:
         if self.task != "regression" and labels.dtype == torch.long and predictions.ndim >= 2:
             classes = predictions.shape[-1]
             low, high = int(labels.min()), int(labels.max())
             if low < 0 or high >= classes:
+                outputs = "1 class (0)" if classes == 1 else f"{classes} classes (0..{classes - 1})"
                 return ModelError(
                     f"dataset_options.label_column {self.label_column!r} holds class {high if high >= classes else low} "
-                    f"but the model outputs {classes} classes (0..{classes - 1}); fix the labels or the model's output size."
+                    f"but the model outputs {outputs}; fix the labels or the model's output size."
                 )
         return ModelError(
             f"{type(self.loss_fn).__name__} cannot compare the model output of shape {tuple(predictions.shape)} "

@@ -1,0 +1,360 @@
+"""AcceleratedTrainer: builds the run's parts from its config, then sequences them.
+
+The trainer owns no policy: when and what to checkpoint, what a failed write does and how to
+resume are the Checkpointer's (checkpoint/), when to stop early EarlyStopping's, when to log the
+TrainWindow's (metrics.py), the optimizer step and its non-finite policy OptimizerStep's
+(optim.py), stop requests from signals and time budgets StopRequest's (preemption.py). Device
+placement, DDP/FSDP/DeepSpeed, mixed precision and gradient accumulation are accelerate's.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import data
+from .checkpoint import Checkpointer, ModelState, RunSignature, files
+from .checkpoint.states import MODEL, OPTIMIZER, TRAINER
+from .config import ConfigError, TrainerConfig, load_config
+from .distributed import build_accelerator
+from .early_stopping import EarlyStopping, Stop
+from .loss import BatchLoss, ModelError, build_loss
+from .metrics import TrainWindow, ValidationMetrics
+from .models import build_model
+from .models import resolve as resolve_model
+from .optim import OptimizerStep, build_optimizer, steps_every_micro_batch
+from .preemption import StopRequest
+from .tracking import Progress, Tracker, say, summary
+
+__all__ = ["AcceleratedTrainer", "ModelError", "NonFiniteLossError", "Trainer", "TrainResult", "TrainingState"]
+
+
+@dataclass
+class TrainingState:
+    """Where training is: resumable, saved in every `last` checkpoint."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # current epoch, 0-based
+    samples_in_epoch: int = 0  # samples of the current epoch consumed, all processes together
+    samples_seen: int = 0  # training samples consumed in the whole run
+    skipped_steps: int = 0  # optimizer steps skipped for a non-finite gradient (nonfinite_loss: skip)
+    run_id: str | None = None  # the tracker run continued on resume
+    num_processes: int = 1
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        # A checkpoint's state.json holds other states beside these keys.
+        for key in (f.name for f in fields(self)):
+            if key in state:
+                setattr(self, key, state[key])
+
+
+@dataclass
+class TrainResult:
+    """What `train()` returns."""
+
+    run_dir: Path
+    monitor: str
+    best_metric: float | None
+    best_checkpoint: Path | None
+    last_checkpoint: Path | None
+    epochs: int  # epochs completed
+    steps: int  # optimizer steps completed
+    stop_reason: str
+    metrics: dict[str, float] = field(default_factory=dict)  # the last validation metrics
+    preempted: bool = False  # stopped by a signal or max_time_s, with `last` saved: resume to go on
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite (training_options.nonfinite_loss: stop)."""
+
+
+class AcceleratedTrainer:
+    """Trains a torch model as its config says, on one CPU or a multi-node cluster alike.
+
+    Args:
+        model: any torch.nn.Module, or None to build the config's `model_options` model
+            (built-in models size themselves from the data). It gets the feature tensor as its
+            first argument, and `labels=` too when its forward accepts it; it may return
+            predictions, or its own loss (HF ModelOutput.loss or a dict with "loss").
+        config: a dict, a path to a JSON/YAML config, or a TrainerConfig.
+        train_dataset / eval_dataset: a datasets.Dataset (or dict of columns) overriding the
+            config's data files.
+        collate_fn: for the per-row path (dataset_options.vectorization false).
+    Raises:
+        ConfigError: invalid config; DataError: data that does not fit it.
+    """
+
+    def __init__(self, model: torch.nn.Module | None, config, *, train_dataset=None, eval_dataset=None,
+                 collate_fn: Callable | None = None):
+        self.config: TrainerConfig = load_config(config)
+        self.run_dir = self.config.run_dir
+        self.accelerator = build_accelerator(self.config.training_options, self.config.experiment_options, self.run_dir)
+        self._build_data(train_dataset, eval_dataset, collate_fn)
+        self._build_model(model)
+        self._build_components()
+
+    # ------------------------------------------------------------ building, in order
+
+    def _build_data(self, train_dataset, eval_dataset, collate_fn) -> None:
+        opts, training = self.config.dataset_options, self.config.training_options
+        with self.accelerator.main_process_first():
+            splits = data.load_splits(opts, training.seed, train_dataset, eval_dataset)
+        if splits.validation is None and training.early_stopping is not None:
+            raise ConfigError("training_options.early_stopping needs validation data: set dataset_options.data_files.validation or validation_split.")
+        label_dtype = torch.float32 if training.task == "regression" else torch.long
+        # With one micro-batch per step the prepared DataLoader's bookkeeping buys nothing for one process.
+        whole_steps = steps_every_micro_batch(self.accelerator)
+        self.train_loader = data.build_loader(
+            splits.train, opts, label_dtype=label_dtype, batch_size=opts.batch_size, seed=training.seed, train=True,
+            num_processes=self.accelerator.num_processes, collate_fn=collate_fn,
+            in_process_device=self.accelerator.device if whole_steps else None)
+        self.train_sampler = self.train_loader.sampler  # the same object inside the prepared loader
+        self.eval_loader = splits.validation and data.build_loader(
+            splits.validation, opts, label_dtype=label_dtype, batch_size=opts.eval_batch_size or opts.batch_size,
+            seed=training.seed, train=False, num_processes=self.accelerator.num_processes, collate_fn=collate_fn)
+        self.data_info = data.describe(splits.train, opts, training.task, validation=splits.validation)
+        self.data_fingerprint = splits.train._fingerprint  # datasets' content hash of the training split
+
+    def _build_model(self, model: torch.nn.Module | None) -> None:
+        training = self.config.training_options
+        if model is None:
+            if self.config.model_options is None:
+                raise ConfigError("model_options: no model given; set model_options.name (e.g. \"mlp\") or pass a model to the trainer.")
+            # The resolved options (input/output sizes from the data) go into config.json and checkpoints.
+            self.config.model_options = resolve_model(self.config.model_options, self.data_info)
+            model = build_model(self.config.model_options)
+        else:
+            self.config.model_options = None  # the model given wins; config.json must not claim another
+        # HF models (and any forward with `labels`) compute their own loss when given the labels.
+        # Not packed text's: its labels are already the next tokens, and a causal LM shifts them
+        # again (it would learn the token after next); its logits are scored against them here.
+        # Read before `prepare`: a DDP wrapper's forward takes only *args, **kwargs.
+        pass_labels = "labels" in inspect.signature(model.forward).parameters and self.config.dataset_options.text is None
+        optimizer = build_optimizer(training.optimizer, model)
+        if isinstance(self.train_loader, data.InProcessLoader):
+            self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        else:
+            self.model, self.optimizer, self.train_loader = self.accelerator.prepare(model, optimizer, self.train_loader)
+        if self.eval_loader is not None:
+            self.eval_loader = self.accelerator.prepare(self.eval_loader)
+        self.batch_loss = BatchLoss(self.model, build_loss(training.loss_function, training.task), pass_labels=pass_labels,
+                                    task=training.task, label_column=self.config.dataset_options.label_column)
+        self.steps_per_epoch = -(-len(self.train_loader) // training.gradient_accumulation_steps)
+        self._samples_per_micro_batch = self.config.dataset_options.batch_size * self.accelerator.num_processes
+        total = self.steps_per_epoch * training.n_epochs
+        self.total_steps = min(total, training.max_steps) if training.max_steps else total
+
+    def _build_components(self) -> None:
+        training, experiment = self.config.training_options, self.config.experiment_options
+        self.state = TrainingState(num_processes=self.accelerator.num_processes)
+        self.window = TrainWindow(self.accelerator, training.log_every_n_steps, skip_nonfinite=training.nonfinite_loss == "skip")
+        self.optimizer_step = OptimizerStep(
+            self.accelerator, self.model, self.optimizer, loss_of=self._training_loss, scheduler=training.scheduler,
+            total_steps=self.total_steps, max_grad_norm=training.max_grad_norm,
+            skip_nonfinite=training.nonfinite_loss == "skip", wants_grad_norm=lambda: self.window.should_log(self.state.step + 1),
+            before_step=lambda: self.checkpointer.before_optimizer_step())
+        self.scheduler = self.optimizer_step.scheduler
+        stopping = training.early_stopping
+        self.early_stopping = stopping and EarlyStopping(training.mode, stopping.patience, stopping.min_delta, monitor=training.monitor)
+        config = self.config.model_dump(mode="json")
+        self.tracker = Tracker(self.accelerator, experiment, self.run_dir, config)
+        states = {MODEL: ModelState(self.accelerator, self.model), OPTIMIZER: self.optimizer, "scheduler": self.scheduler,
+                  TRAINER: self.state}
+        if (scaler := getattr(self.accelerator, "scaler", None)) is not None:
+            states["scaler"] = scaler
+        if self.early_stopping:
+            states["early_stopping"] = self.early_stopping
+        signature = RunSignature(config, self.accelerator.num_processes, self.train_sampler.num_rows, self.data_fingerprint,
+                                 self.total_steps)
+        self.checkpointer = Checkpointer(self.run_dir, self.accelerator, self.config.checkpoint, states, signature=signature,
+                                         guard=self._check_finite)
+        self.last_metrics: dict[str, float] = {}
+
+    # ------------------------------------------------------------ the run
+
+    def train(self) -> TrainResult:
+        """Run the whole job: resume if asked, train and validate, checkpoint, stop, report."""
+        started = time.perf_counter()
+        self._start_run()
+        try:
+            stop = self._run_epochs()
+            self.checkpointer.finish(self.state.epoch, self.state.step)  # the run ends with its checkpoints on disk
+        except BaseException as err:
+            self._close_after_failure(err)
+            raise
+        finally:
+            self.progress.close()
+            self.stop_request.uninstall()
+        return self._finish(stop, time.perf_counter() - started)
+
+    def _start_run(self) -> None:
+        self.checkpointer.resume()
+        self.state.num_processes = self.accelerator.num_processes
+        # Written only once the run can start: a refused resume leaves the directory as it was.
+        if self.accelerator.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            files.atomic_write_json(self.run_dir / "config.json", self.config.model_dump(mode="json"))
+        self.tracker.start(self.state.run_id, step=self.state.step)
+        self.state.run_id = self.tracker.run_id
+        training, experiment = self.config.training_options, self.config.experiment_options
+        self.stop_request = StopRequest(self.accelerator, experiment.preemption_signals, training.max_time_s)
+        self.stop_request.install()
+        self.progress = Progress(experiment.progress_bar and self.accelerator.is_main_process, training.n_epochs, self.state.epoch)
+
+    def _run_epochs(self) -> Stop:
+        n_epochs = self.config.training_options.n_epochs
+        stop = self._stop_before_start()
+        while stop is None:
+            stop = self._train_epoch()
+            if stop is None and self.state.epoch >= n_epochs:
+                stop = Stop(f"completed {n_epochs} epochs")
+        self.stop_request.drain()
+        return stop
+
+    def _train_epoch(self) -> Stop | None:
+        """Train to the end of the current epoch; the Stop if training must stop."""
+        self.train_loader.set_epoch(self.state.epoch)
+        # Resume mid-epoch: the sampler serves the rest of this epoch's permutation.
+        self.train_sampler.start = self.state.samples_in_epoch
+        done = self.state.samples_in_epoch // (self._samples_per_micro_batch * self.config.training_options.gradient_accumulation_steps)
+        self.progress.start_epoch(self.state.epoch, self.steps_per_epoch, done)
+        self.window.reset()
+        for batch in self.train_loader:
+            loss = self.optimizer_step.micro_batch(batch)
+            rows = self.window.add(loss, batch)
+            # Counted in full batches: every micro-batch but an epoch's last is full, and the epoch end resets it.
+            self.state.samples_in_epoch += self._samples_per_micro_batch
+            self.state.samples_seen += rows * self.accelerator.num_processes
+            if self.optimizer_step.completed and (stop := self._after_optimizer_step()):
+                return stop
+        # The epoch is done: validate (if not already on a step cadence), then save the full state.
+        self.state.epoch += 1
+        self.state.samples_in_epoch = 0
+        stop = None
+        if self.eval_loader is not None and not self.config.training_options.eval_every_n_steps:
+            stop = self._evaluate_and_checkpoint()
+        self.checkpointer.on_epoch_end(self.state.epoch, self.state.step)
+        self.progress.end_epoch(**{k: v for k, v in self.last_metrics.items() if k == self.config.training_options.monitor})
+        return stop
+
+    def _training_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The batch's mean loss: the mean of the per-sample losses, taken in one reduction."""
+        losses, _ = self.batch_loss.compute(batch, per_sample_losses=False)
+        return losses.mean()
+
+    def _after_optimizer_step(self) -> Stop | None:
+        training = self.config.training_options
+        self.state.skipped_steps += self.optimizer_step.skipped
+        self.state.step += 1
+        self.progress.advance()
+        step = self.state.step
+        if self.window.should_log(step):
+            self._log_training()
+        stop = None
+        if training.eval_every_n_steps and step % training.eval_every_n_steps == 0 and self.eval_loader is not None:
+            stop = self._evaluate_and_checkpoint()
+        self.checkpointer.on_step(self.state.epoch, step)
+        if stop is None and training.max_steps and step >= training.max_steps:
+            stop = Stop(f"reached max_steps={training.max_steps}")
+        return stop or self.stop_request.should_stop()
+
+    # ------------------------------------------------------------ logging and validation
+
+    def _log_training(self) -> None:
+        window = self.window.compute()  # the one host sync of the loss per logging interval
+        if window is None:
+            return
+        self._raise_if_nonfinite(window["train_loss"])
+        metrics = {"train_loss": window["train_loss"], "lr": self.scheduler.get_last_lr()[0], "epoch": self.state.epoch,
+                   **{key: value for key, value in window.items() if key != "train_loss"}}
+        if (grad_norm := self.optimizer_step.take_grad_norm()) is not None:
+            metrics["grad_norm"] = grad_norm
+        if self.config.training_options.nonfinite_loss == "skip":
+            metrics["skipped_steps"] = self.state.skipped_steps
+        if self.accelerator.device.type == "cuda":
+            metrics["peak_memory_mb"] = torch.cuda.max_memory_allocated(self.accelerator.device) / 2**20
+        self.tracker.log(metrics, step=self.state.step)
+        self.progress.show(loss=metrics["train_loss"], samples_per_s=metrics["samples_per_s"])
+        self.window.reset()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation metrics over the whole validation split, gathered from every process."""
+        self.model.eval()
+        metrics = ValidationMetrics(self.config.training_options.task, self.accelerator)
+        for batch in self.eval_loader:
+            sample_losses, predictions = self.batch_loss.compute(batch)
+            metrics.update(sample_losses, predictions, batch["labels"])
+        self.model.train()
+        return metrics.compute()
+
+    def _check_finite(self) -> None:
+        """Stop policy for a NaN/inf loss: raise before a diverged model is evaluated or saved."""
+        if self.config.training_options.nonfinite_loss == "stop":
+            self._raise_if_nonfinite(0.0 if self.window.is_finite() else float("nan"))
+
+    def _raise_if_nonfinite(self, loss: float) -> None:
+        if math.isfinite(loss) or self.config.training_options.nonfinite_loss != "stop":
+            return
+        last = self.checkpointer.last
+        kept = f"{self.run_dir / 'last'} (step {last.step}) keeps the last good state" if last else "no checkpoint was written yet"
+        raise NonFiniteLossError(
+            f"the training loss became NaN or infinite at or before step {self.state.step + 1}; {kept}. Lower "
+            "training_options.optimizer.lr, set training_options.max_grad_norm, check the data for NaN/inf, or set "
+            "training_options.nonfinite_loss to \"skip\" to skip such steps."
+        )
+
+    def _evaluate_and_checkpoint(self) -> Stop | None:
+        monitor = self.config.training_options.monitor
+        self._check_finite()
+        self.last_metrics = self.evaluate()
+        self.checkpointer.on_evaluation(self.last_metrics, self.state.epoch, self.state.step)
+        best = self.checkpointer.best
+        self.tracker.log({**self.last_metrics, "epoch": self.state.epoch,
+                          f"best_{monitor}": best.value if best else self.last_metrics[monitor]}, step=self.state.step)
+        return self.early_stopping and self.early_stopping.check(self.last_metrics, self.accelerator)
+
+    # ------------------------------------------------------------ the end of the run
+
+    def _stop_before_start(self) -> Stop | None:
+        """Why a resumed run has nothing left to do, or None."""
+        training = self.config.training_options
+        if self.state.epoch >= training.n_epochs:
+            return Stop(f"completed {training.n_epochs} epochs (already done in the resumed checkpoint)")
+        if training.max_steps and self.state.step >= training.max_steps:
+            return Stop(f"reached max_steps={training.max_steps} (already done in the resumed checkpoint)")
+        return None
+
+    def _close_after_failure(self, err: BaseException) -> None:
+        # Let a save in flight finish, so the last good state is kept, and close the tracker so
+        # the logged history is kept. Never mask the original error.
+        self.checkpointer.abort()
+        try:
+            self.tracker.finish({"stop_reason": f"failed: {type(err).__name__}: {err}", "steps": self.state.step})
+        except Exception:
+            pass
+
+    def _finish(self, stop: Stop, seconds: float) -> TrainResult:
+        best = self.checkpointer.best
+        result = TrainResult(
+            run_dir=self.run_dir, monitor=self.config.training_options.monitor,
+            best_metric=best.value if best else None, best_checkpoint=best and self.run_dir / best.path,
+            last_checkpoint=self.run_dir / "last", epochs=self.state.epoch, steps=self.state.step,
+            stop_reason=stop.reason, metrics=self.last_metrics, preempted=stop.preempted,
+        )
+        self.tracker.finish({"stop_reason": stop.reason, f"best_{result.monitor}": result.best_metric,
+                             "steps": result.steps, "epochs": result.epochs, "seconds": seconds})
+        say(self.accelerator, summary(result, seconds, self.checkpointer.kept))
+        return result
+
+
+Trainer = AcceleratedTrainer
