@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib
 import inspect
-from typing import Any
 
 import torch
 from torch import nn
 
 from .config import ConfigError, ModelOptions
+from .imports import import_object
 
 
 class MLP(nn.Module):
@@ -139,25 +138,14 @@ def resolve(options: ModelOptions, data_info: dict[str, int]) -> ModelOptions:
 
 def build_model(options: ModelOptions) -> nn.Module:
     """Instantiate a model from resolved options."""
-    cls = BUILTIN.get(options.name) or _import(options.name)
+    cls = BUILTIN.get(options.name)
+    if cls is None:
+        if ":" not in options.name:
+            raise ConfigError(f"model_options.name: {options.name!r} is neither a built-in model ({', '.join(BUILTIN)}) nor "
+                              "an import path of the form package.module:Class.")
+        cls = import_object(options.name, "model_options.name", kind="Class")
     try:
         inspect.signature(cls).bind(**options.kwargs)
     except TypeError as err:
         raise ConfigError(f"model_options.kwargs do not fit {options.name} ({cls.__name__}{inspect.signature(cls)}): {err}.") from None
     return cls(**options.kwargs)
-
-
-def _import(path: str) -> Any:
-    module_name, sep, attr = path.partition(":")
-    if not sep:
-        raise ConfigError(
-            f"model_options.name: {path!r} is neither a built-in model ({', '.join(BUILTIN)}) nor an import "
-            "path of the form package.module:Class."
-        )
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ConfigError(f"model_options.name: cannot import module {module_name!r}: {err}.") from None
-    if not hasattr(module, attr):
-        raise ConfigError(f"model_options.name: module {module_name!r} has no attribute {attr!r}.")
-    return getattr(module, attr)

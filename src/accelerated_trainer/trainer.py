@@ -139,13 +139,8 @@ class AcceleratedTrainer:
         # again (it would learn the token after next); its logits are scored against them here.
         # Read before `prepare`: a DDP wrapper's forward takes only *args, **kwargs.
         pass_labels = "labels" in inspect.signature(model.forward).parameters and self.config.dataset_options.text is None
-        optimizer = build_optimizer(training.optimizer, model)
-        if isinstance(self.train_loader, data.InProcessLoader):
-            self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        else:
-            self.model, self.optimizer, self.train_loader = self.accelerator.prepare(model, optimizer, self.train_loader)
-        if self.eval_loader is not None:
-            self.eval_loader = self.accelerator.prepare(self.eval_loader)
+        self.model, self.optimizer, self.train_loader, self.eval_loader = data.prepare(
+            self.accelerator, model, build_optimizer(training.optimizer, model), self.train_loader, self.eval_loader)
         self.batch_loss = BatchLoss(self.model, build_loss(training.loss_function, training.task), pass_labels=pass_labels,
                                     task=training.task, label_column=self.config.dataset_options.label_column)
         self.steps_per_epoch = -(-len(self.train_loader) // training.gradient_accumulation_steps)

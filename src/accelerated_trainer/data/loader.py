@@ -1,0 +1,84 @@
+"""Batches for training and validation: a DataLoader over whole batches in EpochSampler's order,
+prepared by accelerate (sharded over processes, placed on device), or for one process reading
+its own data an InProcessLoader. This module is the one place that chooses between them.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..config import ConfigError, DatasetOptions
+from .batches import DTYPES, ColumnarBatches, RowByRow
+from .in_process import InProcessLoader
+from .sampling import EpochSampler
+
+
+def _whole_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # __getitems__ already returns the finished batch; the default collate would re-stack it row by row.
+    return batch
+
+
+def build_loader(
+    dataset,
+    options: DatasetOptions,
+    *,
+    label_dtype: torch.dtype,
+    batch_size: int,
+    seed: int,
+    train: bool,
+    num_processes: int = 1,
+    collate_fn: Callable | None = None,
+    in_process_device: torch.device | None = None,
+) -> DataLoader | InProcessLoader:
+    """A DataLoader over `dataset` ready for `accelerator.prepare`.
+
+    Training batches come in whole rounds over the processes (see EpochSampler); validation
+    keeps every row once and leaves the padding to accelerate, whose gather_for_metrics drops it.
+    With `in_process_device`, one process and the vectorized path without workers, the same
+    batches come from an InProcessLoader instead, placed on that device and never prepared.
+
+    Raises:
+        ConfigError: a collate_fn with vectorization, or a dtypes key that is no batch key.
+    """
+    if options.vectorization and collate_fn is not None:
+        raise ConfigError("a custom collate_fn needs the per-row path: set dataset_options.vectorization to false.")
+    keys = ["features"] * bool(options.feature_columns) + list(options.input_columns) + ["labels"]
+    for key in options.dtypes:
+        if key not in keys:
+            raise ConfigError(f"dataset_options.dtypes: {key!r} is not a batch key; the batches hold {keys}.")
+    dtypes = {key: DTYPES[name] for key, name in options.dtypes.items()}
+    if options.text is not None:  # token ids are class indices whatever the task says
+        dtypes.setdefault("features", torch.long)
+        dtypes.setdefault("labels", torch.long)
+    rows_class = ColumnarBatches if options.vectorization else RowByRow
+    rows = rows_class(dataset, options.feature_columns, options.label_column, label_dtype,
+                      input_columns=options.input_columns, dtypes=dtypes, preload_max_bytes=options.preload_max_mb << 20)
+    sampler = EpochSampler(len(rows), seed, shuffle=train and options.shuffle,
+                           round_size=batch_size * num_processes if train and num_processes > 1 else 1,
+                           drop_last=train and options.drop_last)
+    drop_last = train and options.drop_last and num_processes == 1
+    if in_process_device is not None and num_processes == 1 and options.vectorization and options.num_workers == 0:
+        return InProcessLoader(rows, sampler, batch_size, drop_last, in_process_device)
+    return DataLoader(
+        rows,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=drop_last,
+        collate_fn=_whole_batch if options.vectorization else collate_fn,
+        num_workers=options.num_workers,
+        # Its own generator: creating an iterator then draws no number from the global RNG,
+        # so a mid-epoch resume sees the same dropout masks as the uninterrupted run.
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def prepare(accelerator, model, optimizer, train_loader, eval_loader):
+    """accelerator.prepare for the model, the optimizer and the loaders, in one call (DeepSpeed
+    reads the batch size from the loaders); an InProcessLoader is already in place."""
+    loaders = [loader for loader in (train_loader, eval_loader) if loader is not None and not isinstance(loader, InProcessLoader)]
+    model, optimizer, *prepared = accelerator.prepare(model, optimizer, *loaders)
+    prepared = dict(zip(map(id, loaders), prepared))
+    return model, optimizer, prepared.get(id(train_loader), train_loader), eval_loader and prepared.get(id(eval_loader), eval_loader)
