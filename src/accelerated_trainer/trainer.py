@@ -98,13 +98,14 @@ class AcceleratedTrainer:
         self.config: TrainerConfig = load_config(config)
         self.run_dir = self.config.run_dir
         self.accelerator = build_accelerator(self.config.training_options, self.config.experiment_options, self.run_dir)
-        self._build_data(train_dataset, eval_dataset, collate_fn)
-        self._build_model(model)
-        self._build_components()
+        data_info, fingerprint = self._build_data(train_dataset, eval_dataset, collate_fn)
+        self._build_model(model, data_info)
+        self._build_components(fingerprint)
 
     # ------------------------------------------------------------ building, in order
 
-    def _build_data(self, train_dataset, eval_dataset, collate_fn) -> None:
+    def _build_data(self, train_dataset, eval_dataset, collate_fn) -> tuple[dict[str, int], str]:
+        """The loaders; returns what built-in models take from the data and the training data's fingerprint."""
         opts, training = self.config.dataset_options, self.config.training_options
         with self.accelerator.main_process_first():
             splits = data.load_splits(opts, training.seed, train_dataset, eval_dataset)
@@ -121,16 +122,16 @@ class AcceleratedTrainer:
         self.eval_loader = splits.validation and data.build_loader(
             splits.validation, opts, label_dtype=label_dtype, batch_size=opts.eval_batch_size or opts.batch_size,
             seed=training.seed, train=False, num_processes=self.accelerator.num_processes, collate_fn=collate_fn)
-        self.data_info = data.describe(splits.train, opts, training.task, validation=splits.validation)
-        self.data_fingerprint = splits.train._fingerprint  # datasets' content hash of the training split
+        # datasets' content hash of the training split: a resume says when the data changed.
+        return data.describe(splits.train, opts, training.task, validation=splits.validation), splits.train._fingerprint
 
-    def _build_model(self, model: torch.nn.Module | None) -> None:
+    def _build_model(self, model: torch.nn.Module | None, data_info: dict[str, int]) -> None:
         training = self.config.training_options
         if model is None:
             if self.config.model_options is None:
                 raise ConfigError("model_options: no model given; set model_options.name (e.g. \"mlp\") or pass a model to the trainer.")
             # The resolved options (input/output sizes from the data) go into config.json and checkpoints.
-            self.config.model_options = resolve_model(self.config.model_options, self.data_info)
+            self.config.model_options = resolve_model(self.config.model_options, data_info)
             model = build_model(self.config.model_options)
         else:
             self.config.model_options = None  # the model given wins; config.json must not claim another
@@ -145,16 +146,16 @@ class AcceleratedTrainer:
                                     task=training.task, label_column=self.config.dataset_options.label_column)
         self.steps_per_epoch = -(-len(self.train_loader) // training.gradient_accumulation_steps)
         self._samples_per_micro_batch = self.config.dataset_options.batch_size * self.accelerator.num_processes
-        total = self.steps_per_epoch * training.n_epochs
-        self.total_steps = min(total, training.max_steps) if training.max_steps else total
 
-    def _build_components(self) -> None:
+    def _build_components(self, fingerprint: str) -> None:
         training, experiment = self.config.training_options, self.config.experiment_options
+        total_steps = self.steps_per_epoch * training.n_epochs
+        total_steps = min(total_steps, training.max_steps) if training.max_steps else total_steps
         self.state = TrainingState(num_processes=self.accelerator.num_processes)
         self.window = TrainWindow(self.accelerator, training.log_every_n_steps, skip_nonfinite=training.nonfinite_loss == "skip")
         self.optimizer_step = OptimizerStep(
             self.accelerator, self.model, self.optimizer, loss_of=self._training_loss, scheduler=training.scheduler,
-            total_steps=self.total_steps, max_grad_norm=training.max_grad_norm,
+            total_steps=total_steps, max_grad_norm=training.max_grad_norm,
             skip_nonfinite=training.nonfinite_loss == "skip", wants_grad_norm=lambda: self.window.should_log(self.state.step + 1),
             before_step=lambda: self.checkpointer.before_optimizer_step())
         self.scheduler = self.optimizer_step.scheduler
@@ -168,8 +169,7 @@ class AcceleratedTrainer:
             states["scaler"] = scaler
         if self.early_stopping:
             states["early_stopping"] = self.early_stopping
-        signature = RunSignature(config, self.accelerator.num_processes, self.train_sampler.num_rows, self.data_fingerprint,
-                                 self.total_steps)
+        signature = RunSignature(config, self.accelerator.num_processes, self.train_sampler.num_rows, fingerprint, total_steps)
         self.checkpointer = Checkpointer(self.run_dir, self.accelerator, self.config.checkpoint, states, signature=signature,
                                          guard=self._check_finite)
         self.last_metrics: dict[str, float] = {}

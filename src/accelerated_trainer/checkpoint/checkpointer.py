@@ -32,12 +32,12 @@ from ..config import CheckpointOptions, ConfigError
 from ..distributed import first_error, from_main
 from ..metrics import is_improvement, rank_key
 from ..tracking import say
-from . import files, tensors
+from . import files
 from .async_writer import PendingSave
 from .files import CheckpointError
 from .run_dir import BEST, INDEX, LAST, PREVIOUS, RunDir, RunSignature
 from .states import MODEL, RNG, RNGState
-from .store import TENSOR_FILES, WEIGHTS, FullStore
+from .store import TENSOR_FILES, WEIGHTS, FullStore, write_weights_dir
 from .top_k import Entry, select_top_k
 
 __all__ = ["INDEX", "WEIGHTS", "Checkpointer"]
@@ -84,7 +84,7 @@ class Checkpointer:
             ConfigError: the run directory holds checkpoints, resume is false and overwrite is not
                 set; or `resume` names a checkpoint that is not usable.
         """
-        self._prepare_run_dir()
+        self.run_dir.prepare(self.options.resume, self.options.overwrite, self.accelerator)
         found = self._find_resumable()
         if found is None:
             return False
@@ -262,7 +262,7 @@ class Checkpointer:
         # fails later leaves the index listing exactly what is on disk.
         if enters:
             dest = self.run_dir / candidate.path
-            self._on_main(lambda: _write_weights_dir(dest, weights, meta), dest, cleanup=RunDir.temporary(dest))
+            self._on_main(lambda: write_weights_dir(dest, weights, meta), dest, cleanup=RunDir.temporary(dest))
         self.kept = kept
         # The index first stops listing a checkpoint, then it is deleted. A candidate that did not
         # enter can still have a directory: its own, from before a crash, when this is a replay.
@@ -270,7 +270,7 @@ class Checkpointer:
         self._on_main(lambda: self._forget(stale), self.run_dir / INDEX)
         if improves:
             dest = self.run_dir / BEST
-            self._on_main(lambda: _write_weights_dir(dest, weights, {**meta, "path": BEST}), dest, cleanup=RunDir.temporary(dest))
+            self._on_main(lambda: write_weights_dir(dest, weights, {**meta, "path": BEST}), dest, cleanup=RunDir.temporary(dest))
             self.best = Entry(BEST, epoch, step, value)
             self._on_main(self._write_index, self.run_dir / INDEX)
         return improves
@@ -293,20 +293,6 @@ class Checkpointer:
         self.run_dir.write_index(self._index())
 
     # ------------------------------------------------------------ resuming
-
-    def _prepare_run_dir(self) -> None:
-        """Refuse to train over earlier checkpoints unless the config resumes or overwrites them."""
-        if self.options.resume is not False or not self.run_dir.has_checkpoints():
-            return
-        if not self.options.overwrite:
-            raise ConfigError(
-                f"run directory {self.run_dir.path} already holds checkpoints. Set experiment_options.resume to true to "
-                "continue it, choose another experiment_options.title, or set experiment_options.overwrite to true "
-                "to delete them."
-            )
-        if self.accelerator.is_main_process:
-            self.run_dir.clear()
-        self.accelerator.wait_for_everyone()
 
     def _find_resumable(self) -> Path | None:
         resume = self.options.resume
@@ -368,15 +354,6 @@ class Checkpointer:
         self.kept = [Entry(**e) for e in state["kept"]]
         self.best = state["best"] and Entry(**state["best"])
         self.last = state["last"] and Entry(**state["last"])
-
-
-def _write_weights_dir(dest: Path, weights: dict, meta: dict) -> None:
-    tmp = files.temporary_dir(dest)
-    host = {name: tensors.host_tensor(value) for name, value in weights.items()}
-    checksums = {WEIGHTS: tensors.write_tensors(tmp / WEIGHTS, host, metadata={"format": "pt"})}
-    files.write_json(tmp / "meta.json", meta)
-    files.seal(tmp, checksums)
-    files.publish(tmp, dest)
 
 
 def _what_is_intact(dest: Path) -> str:

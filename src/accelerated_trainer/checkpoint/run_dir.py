@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from ..config import ConfigError
 from . import files
 from .top_k import Entry
 
@@ -46,6 +47,24 @@ class RunDir:
 
     def has_checkpoints(self) -> bool:
         return any((self.path / name).exists() for name in (LAST, PREVIOUS, BEST, TOP, INDEX))
+
+    def prepare(self, resume, overwrite: bool, accelerator) -> None:
+        """Refuse to train a fresh run over earlier checkpoints unless `overwrite` deletes them.
+
+        Raises:
+            ConfigError: the run directory holds checkpoints, resume is false and overwrite is not set.
+        """
+        if resume is not False or not self.has_checkpoints():
+            return
+        if not overwrite:
+            raise ConfigError(
+                f"run directory {self.path} already holds checkpoints. Set experiment_options.resume to true to "
+                "continue it, choose another experiment_options.title, or set experiment_options.overwrite to true "
+                "to delete them."
+            )
+        if accelerator.is_main_process:
+            self.clear()
+        accelerator.wait_for_everyone()
 
     def clear(self) -> None:
         """Delete an earlier run's checkpoints and logs (a fresh run with overwrite, main process only)."""

@@ -133,3 +133,13 @@ class FullStore:
     def release(self) -> None:
         """Free the staging buffers (after the last save of a run)."""
         self.staging.release()
+
+
+def write_weights_dir(dest: Path, weights: dict, meta: dict) -> None:
+    """Weights alone (best/, top/*): model.safetensors and meta.json, sealed and published."""
+    tmp = files.temporary_dir(dest)
+    host = {name: tensors.host_tensor(value) for name, value in weights.items()}
+    checksums = {WEIGHTS: tensors.write_tensors(tmp / WEIGHTS, host, metadata={"format": "pt"})}
+    files.write_json(tmp / "meta.json", meta)
+    files.seal(tmp, checksums)
+    files.publish(tmp, dest)
