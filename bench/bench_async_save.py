@@ -24,6 +24,7 @@ writes into page cache it never touched run several times slower, which a long r
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
@@ -39,7 +40,10 @@ VARIANTS = {"none": "no checkpoint in the window", "async": "async_save true (de
 
 def instrument() -> list[tuple[float, float]]:
     """Save windows (call of save_last, checkpoints.json rewritten), in order."""
-    from accelerated_trainer.checkpoint import files
+    try:
+        from accelerated_trainer.checkpoint import files
+    except ImportError:  # a commit before the checkpoint package (bench/compare_commits.py)
+        from accelerated_trainer import storage as files
     from accelerated_trainer.checkpoint import Checkpointer
 
     windows: list[list[float]] = []
@@ -97,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--quick", action="store_true", help="a small model, one round: a smoke run")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="also write the raw step times here (bench/compare_commits.py reads them)")
     args = parser.parse_args(argv)
     if args.warmup is None:
         args.warmup = 2 * args.every + 3
@@ -142,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
             out.append([label, kind, str(len(values)), f"{median * 1e3:.1f}", f"{median / reference:.2f}x",
                         f"{mean * 1e3:.1f}", f"{mean / reference_mean:.2f}x", f"{median / same:.2f}x" if same else "-"])
     print(table(["variant", "steps", "n", "median ms", "vs none", "mean ms", "mean vs none", "vs outside a save"], out))
+    if args.json:
+        args.json.write_text(json.dumps({"steps": {name: {"all steps ms": [v * 1e3 for v in steps[name]],
+                                                          "steps during a save ms": [v * 1e3 for v in during[name]]}
+                                                   for name in VARIANTS}}))
     return 0
 
 

@@ -355,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch threads for the compute-bound workload (1: least noise on a shared machine)")
     parser.add_argument("--quick", action="store_true", help="a few steps and one round: a smoke run, not a measurement")
     parser.add_argument("--log", type=Path, default=None, help="keep the frameworks' output (bars, banners) in this file")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="also write the raw ms/step figures here (bench/compare_commits.py reads them)")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.tiny_steps, args.compute_steps = 1, 10, 2
@@ -378,13 +380,17 @@ def main(argv: list[str] | None = None) -> int:
         workloads.append(tiny_workload(args.tiny_steps, warmup=3 if args.quick else 30))
     if args.workload in ("compute", "both"):
         workloads.append(compute_workload(args.compute_steps, warmup=1 if args.quick else 3, threads=args.compute_threads))
+    raw = {}
     for w in workloads:
         results, from_jsonl = measure(w, variants, args.rounds, args.log)
+        raw[w.name] = {name: {"wall ms/step": wall, "CPU ms/step": cpu} for name, (wall, cpu) in results.items()}
         print()
         print(report(w, results), flush=True)
         if from_jsonl:
             print(f"\n(c) cross-check from metrics.jsonl samples_per_s (logging windows, excluding the log call itself): "
                   f"{np.median(from_jsonl):.3f} ms/step median")
+    if args.json:
+        args.json.write_text(json.dumps(raw))
     return 0
 
 
