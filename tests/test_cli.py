@@ -130,3 +130,62 @@ def test_a_python_without_the_dependencies_is_told_how_to_set_up():
     assert result.returncode == 1
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert "No module named" in result.stderr and "make venv" in result.stderr and "pip install -e ." in result.stderr
+
+
+def run_in_terminal(args, env, timeout=300) -> tuple[int, str]:
+    """Run `args` with a pseudo-terminal (120 columns) as stdin, stdout and stderr; return the code and all it wrote."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    process = subprocess.Popen(args, cwd=REPO, env=env, stdin=follower, stdout=follower, stderr=follower)
+    os.close(follower)
+    output = b""
+    try:
+        while chunk := _read(leader):
+            output += chunk
+        return process.wait(timeout=timeout), output.decode(errors="replace")
+    finally:
+        os.close(leader)
+        if process.poll() is None:
+            process.kill()
+
+
+def _read(fd) -> bytes:
+    try:
+        return os.read(fd, 65536)
+    except OSError:  # the terminal closed: every process writing to it has exited
+        return b""
+
+
+BAR = re.compile(r"^(epochs|epoch \d+):\s+\d+%\|")
+
+
+def console_lines(output: str) -> list[str]:
+    """What stays on the screen besides the progress bars: each line's last text, escape codes removed."""
+    lines = []
+    for line in re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", output).split("\n"):
+        texts = [text for text in line.split("\r") if text.strip() and not BAR.match(text)]
+        if texts:
+            lines.append(texts[-1].rstrip())
+    return lines
+
+
+def test_the_main_job_says_little_on_a_terminal(tmp_path):
+    # `make train` as a newcomer runs it: a terminal, no W&B account (offline), the default config.
+    environment = {**os.environ, "HOME": str(tmp_path), "WANDB_API_KEY": ""}
+    environment.pop("WANDB_MODE")
+    code, output = run_in_terminal([*TRAIN, "--config", "configs/digits.json", "--set", "experiment_options.overwrite=true",
+                                    "--set", f"experiment_options.ckpt_dir={tmp_path}"], environment)
+    assert code == 0, output[-3000:]
+    assert re.search(r"epochs: +\d+%\|", output), "the bars are drawn"
+    lines = console_lines(output)
+    assert len(lines) <= 15, "\n".join(lines)
+    assert [line for line in lines if line.lower().startswith("wandb")] == [
+        f"wandb: upload this run with `wandb sync {tmp_path / 'digits-mlp' / 'wandb'}/offline-run-*-"
+        + json.loads((tmp_path / "digits-mlp" / "last" / "state.json").read_text())["run_id"] + "`"]
+    assert lines[-6].startswith("run finished: early stopping")
+    assert "Run summary" in (tmp_path / "digits-mlp" / "wandb.log").read_text()

@@ -18,7 +18,7 @@ from ..config import TrainerConfig, load_config
 from ..metrics import ValidationMetrics
 from ..preemption import StopRequest
 from ..storage import CheckpointError
-from ..tracking import Progress
+from ..tracking import Progress, configure_console
 from . import resume
 from .build import TrainerParts
 from .forward import token_count
@@ -46,6 +46,7 @@ class AcceleratedTrainer(TrainerParts):
         self.config: TrainerConfig = load_config(config)
         self.run_dir = self.config.run_dir
         self._build_accelerator()
+        configure_console(self.accelerator.is_main_process, self.config.experiment_options.progress_bar)
         self._build_data(train_dataset, eval_dataset, collate_fn)
         self._build_model(model)
         self._build_components()
