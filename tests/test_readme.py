@@ -131,6 +131,6 @@ def test_readme_commands_run_in_order_on_a_fresh_copy(tmp_path):
     # What the commands wrote is all ignored by git (.venv here is this test's link).
     archived = set(subprocess.run(["git", "ls-tree", "--name-only", "HEAD"], cwd=REPO, capture_output=True, text=True,
                                   check=True).stdout.split())
-    written = sorted(p.name for p in repo.iterdir() if p.name not in archived | {".venv"})
+    written = sorted(p.name + "/" * p.is_dir() for p in repo.iterdir() if p.name not in archived | {".venv"})
     ignored = subprocess.run(["git", "check-ignore", "--no-index", *written], cwd=REPO, capture_output=True, text=True).stdout.split()
     assert written and ignored == written, f"not in .gitignore: {set(written) - set(ignored)}"
