@@ -39,6 +39,12 @@ def test_main_job_trains_digits_with_offline_wandb(tmp_path):
     run_id = json.loads((run_dir / "last" / "state.json").read_text())["run_id"]
     offline = list((run_dir / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
     assert len(offline) == 1 and offline[0].stat().st_size > 1000
+    # --quiet: no bars, no progress lines, nothing of wandb's or datasets' but the sync line.
+    printed = (result.stdout + result.stderr).splitlines()
+    assert [line for line in printed if "wandb" in line.lower() and "W&B is logging offline" not in line] == [
+        f"wandb: upload this run with `wandb sync {run_dir / 'wandb'}/offline-run-*-{run_id}`"]
+    assert not [line for line in printed if re.match(r"(epochs?|Generating|Flattening|Map)\b", line)]
+    assert "\r" not in result.stderr and len(printed) <= 10, printed
 
 
 def test_config_error_exits_2_with_a_short_message(tmp_path):
