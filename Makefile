@@ -1,7 +1,9 @@
 # Set-up and the two everyday commands. `make train` and `make test` create .venv on first use.
 # GPU users: install the torch build for your CUDA first (or pass TORCH=...), it is kept.
+# ARGS go to the training command: make train ARGS="--quiet --set training_options.n_epochs=5"
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
+ARGS ?=
 VENV := .venv
 BIN := $(VENV)/bin
 
@@ -18,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 train: venv
-	$(BIN)/python train.py --config configs/digits.json --set experiment_options.overwrite=true
+	$(BIN)/python train.py --config configs/digits.json --set experiment_options.overwrite=true $(ARGS)
 
 test: venv
 	$(BIN)/python -m pytest -q

@@ -1,6 +1,7 @@
 """Launcher: `accelerate launch train.py --config configs/digits.json` (or `python train.py ...`).
 
-Everything lives in the accelerated_trainer package; see `python train.py --help`.
+The same command as the installed `accelerated-trainer` and `python -m accelerated_trainer`;
+everything lives in the accelerated_trainer package; see `python train.py --help`.
 """
 
 import sys

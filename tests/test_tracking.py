@@ -248,3 +248,85 @@ def test_an_offline_resume_starts_in_a_second_of_its_own(tmp_path):
     wait_past_offline_runs(tmp_path, "other")
     wait_past_offline_runs(tmp_path, "abc123")
     assert time.strftime("%Y%m%d_%H%M%S") != started
+
+
+# ---------------------------------------------------------------- the console
+
+
+def test_redirected_progress_is_plain_lines(capfd):
+    from accelerated_trainer.tracking import Progress
+
+    progress = Progress(True, n_epochs=2, start_epoch=0)  # pytest's capture: not a terminal
+    assert not progress.bars and progress.lines
+    for epoch in range(2):
+        progress.start_epoch(epoch, total=3)
+        for _ in range(3):
+            progress.advance()
+            progress.show(loss=0.5, samples_per_s=1000.0)
+        progress.end_epoch(val_accuracy=0.75)
+    progress.close()
+    out, err = capfd.readouterr()
+    lines = out.splitlines()
+    assert [line.split(" (")[0] for line in lines] == ["epochs 1/2: loss 0.5, samples_per_s 1000, val_accuracy 0.75",
+                                                       "epochs 2/2: loss 0.5, samples_per_s 1000, val_accuracy 0.75"]
+    assert err == "" and "\x1b" not in out and "\r" not in out
+
+
+def test_redirected_progress_reports_a_long_epoch(capfd, monkeypatch):
+    from accelerated_trainer import tracking
+
+    monkeypatch.setattr(tracking, "PLAIN_LINE_EVERY_S", 0.0)
+    progress = tracking.Progress(True, n_epochs=1, start_epoch=0)
+    progress.start_epoch(0, total=2)
+    progress.advance()
+    assert capfd.readouterr().out.startswith("epoch 0: 1/2 steps (")
+
+
+def test_disabled_progress_prints_nothing(capfd):
+    from accelerated_trainer.tracking import Progress
+
+    progress = Progress(False, n_epochs=1, start_epoch=0)
+    progress.start_epoch(0, total=2)
+    progress.advance(2)
+    progress.end_epoch(val_loss=1.0)
+    progress.close()
+    assert capfd.readouterr() == ("", "")
+
+
+@pytest.mark.parametrize("main, progress_bar, terminal, bars", [
+    (True, True, True, True), (True, False, True, False), (True, True, False, False), (False, True, True, False)])
+def test_datasets_bars_show_only_where_the_runs_own_do(monkeypatch, main, progress_bar, terminal, bars):
+    import datasets
+
+    from accelerated_trainer import tracking
+
+    monkeypatch.setattr(tracking, "interactive", lambda: terminal)
+    verbosity = datasets.logging.get_verbosity()
+    datasets.enable_progress_bars()
+    try:
+        tracking.configure_console(main, progress_bar)
+        assert datasets.is_progress_bar_enabled() is bars
+        assert (datasets.logging.get_verbosity() == datasets.logging.ERROR) is (not main)
+    finally:
+        datasets.enable_progress_bars()
+        datasets.logging.set_verbosity(verbosity)
+
+
+def test_wandb_prints_to_the_run_directory_but_the_sync_line(tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("WANDB_API_KEY", "")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    tracker = make_tracker(tmp_path, ["wandb"], mode="offline")
+    tracker.start()
+    tracker.log({"train_loss": 1.0}, step=1)
+    tracker.finish({"steps": 1})
+    out, err = capfd.readouterr()
+    wandb_lines = [line for line in (out + err).splitlines() if line.startswith("wandb")]
+    assert wandb_lines == [f"wandb: upload this run with `wandb sync {tmp_path / 'wandb'}/offline-run-*-{tracker.run_id}`"]
+    assert "wandb online" not in out + err
+    log = (tmp_path / "wandb.log").read_text()
+    for printed in ("Tracking run with wandb version", "Run summary:", "steps 1", "wandb sync"):
+        assert printed in log
+    # Once the run is finished, wandb prints to the console again.
+    wandb.termlog("after the run")
+    assert "wandb: after the run" in capfd.readouterr().err

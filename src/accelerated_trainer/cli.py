@@ -1,4 +1,8 @@
-"""Command line: `accelerate launch train.py --config cfg.json [--set key=value ...]`."""
+"""Command line: `accelerated-trainer --config cfg.json [--set key=value ...]`.
+
+The same command runs as `python -m accelerated_trainer`, as `python train.py` from a checkout,
+and under `accelerate launch` (`accelerate launch -m accelerated_trainer ...` or `... train.py ...`).
+"""
 
 from __future__ import annotations
 
@@ -21,21 +25,28 @@ overrides:
     --set 'model_options.kwargs.hidden_dims=[256,256]'
   All keys: configs/schema.json, or --schema.
 
-launching:
-  python train.py --config configs/digits.json                       one process
-  accelerate launch train.py --config configs/digits.json            as `accelerate config` says
-  ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 train.py --config ...   2 CPU processes
+launching (train.py in a checkout is the same command as accelerated-trainer):
+  accelerated-trainer --config configs/digits.json                   one process
+  python -m accelerated_trainer --config configs/digits.json         the same
+  accelerate launch -m accelerated_trainer --config configs/digits.json      as `accelerate config` says
+  accelerate launch train.py --config configs/digits.json            the same, from a checkout
+  ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m accelerated_trainer --config ...   2 CPU processes
 
-exit codes: 0 done; 2 invalid config or data (the message says what to fix); 3 another process
+exit codes: 0 done; 1 a dependency is not installed, or a crash (traceback); 2 invalid config or
+  data, or a run directory holding an earlier run (the message says what to fix); 3 another process
   of the job died or hung; 4 a checkpoint write failed or the loss became NaN/inf (earlier
   checkpoints intact); 99 preempted (SIGTERM/SIGUSR1) or max_time_s spent, with a complete
   `last` checkpoint: relaunch with --set experiment_options.resume=true.
 """
 
 
+# The package's own dependencies, by import name: a missing one is a set-up problem, not a bug.
+DEPENDENCIES = ("torch", "accelerate", "datasets", "safetensors", "wandb", "pydantic", "tqdm", "yaml", "numpy", "pyarrow")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="train.py",
+        prog=_program_name(),
         description="Train a PyTorch model from a JSON/YAML config with accelerate.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -43,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", "-c", help="path to the JSON or YAML config")
     parser.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
                         help="override one config value (repeatable)")
-    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars or progress lines; the package's messages and summary only")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--schema", action="store_true", help="print the config's JSON Schema and exit")
     args = parser.parse_args(argv)
@@ -52,15 +63,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _program_name() -> str:
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "accelerated-trainer"
+    return "python -m accelerated_trainer" if name == "__main__.py" else name
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code (see EPILOG)."""
     try:
         return _run(argv)
+    except ModuleNotFoundError as err:
+        if (err.name or "").split(".")[0] not in DEPENDENCIES:
+            raise
+        print(f"error: {err} in {sys.executable}: accelerated-trainer's dependencies are not installed for this "
+              "Python. In a checkout run `make venv`, then `source .venv/bin/activate` (or call .venv/bin/python); "
+              "elsewhere `pip install -e .` from the checkout, or `pip install accelerated-trainer`.", file=sys.stderr)
+        return 1
     finally:
         _release_process_group()
 
 
 def run_and_exit(argv: list[str] | None = None) -> NoReturn:
-    """What train.py runs: main(), then leave the process with its exit code.
+    """What `accelerated-trainer`, `python -m accelerated_trainer` and train.py run: main(), then
+    leave the process with its exit code.
 
     After a run with several processes the process leaves at once (os._exit), skipping the
     interpreter's teardown. There, torch's distributed threads (gloo, the TCPStore) are sometimes
@@ -111,6 +136,10 @@ def _run(argv: list[str] | None) -> int:
         if args.print_config:
             print(json.dumps(config.model_dump(mode="json"), indent=2))
             return 0
+        from .checkpoint.run_dir import RunDir
+
+        # Refused before torch loads: the trainer applies the same rule before it changes anything.
+        RunDir(config.run_dir).fresh_start_overwrites(config.experiment_options.resume, config.experiment_options.overwrite)
         from .trainer import AcceleratedTrainer
 
         result = AcceleratedTrainer(None, config).train()

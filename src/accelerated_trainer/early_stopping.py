@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 from .distributed import any_process
-from .metrics import is_improvement
+from .monitor import is_improvement
 
 
 @dataclass(frozen=True)

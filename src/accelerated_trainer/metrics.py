@@ -1,5 +1,4 @@
-"""What a run measures: the training-log window, validation metrics, and the ordering of a
-monitored value (which is better) that top-k checkpoints and early stopping share.
+"""What a run measures: the training-log window and validation metrics.
 
 Validation metrics are reductions over `accelerator.gather_for_metrics` results, which drops
 the samples that distributed sampling repeats to even out the last batch, so every process
@@ -10,29 +9,12 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Literal
 
 import torch
 
 from .loss import IGNORE_INDEX, token_count
 
 CLASS_TASKS = ("classification", "language_modeling")  # outputs are class scores, labels class indices
-
-
-def rank_key(value: float, mode: Literal["min", "max"]) -> float:
-    """Sort key of a monitored value where smaller is better; NaN ranks worst."""
-    if math.isnan(value):
-        return math.inf
-    return value if mode == "min" else -value
-
-
-def is_improvement(value: float, best: float | None, mode: Literal["min", "max"], min_delta: float = 0.0) -> bool:
-    """Whether `value` beats `best` by more than `min_delta`. NaN never improves; anything beats no best."""
-    if math.isnan(value):
-        return False
-    if best is None or math.isnan(best):
-        return True
-    return value < best - min_delta if mode == "min" else value > best + min_delta
 
 
 class ValidationMetrics:

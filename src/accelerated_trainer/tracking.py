@@ -1,15 +1,21 @@
-"""What a run reports: metrics.jsonl (always), accelerate's trackers (wandb, tensorboard), tqdm progress.
+"""What a run reports: metrics.jsonl (always), accelerate's trackers (wandb, tensorboard), progress,
+and what reaches the console.
 
 The tracker lifecycle is accelerate's: `init_trackers` / `log` / each tracker's `finish`, main
-process only.
+process only. The console gets the package's own lines and bars, on the main process only:
+tqdm bars on a terminal, plain lines when the output is redirected, nothing with progress_bar
+false; wandb's banner, history and summary go to {run_dir}/wandb.log instead, and datasets'
+progress bars show only where the run's own bars do.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import netrc
 import os
+import sys
 import threading
 import time
 import uuid
@@ -19,6 +25,61 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from .config import ConfigError, ExperimentOptions, WandbOptions
+
+
+WANDB_LOG = "wandb.log"  # in the run directory: what wandb would have printed
+PLAIN_LINE_EVERY_S = 30.0  # redirected output: at most one progress line per this many seconds within an epoch
+
+
+def interactive() -> bool:
+    """Whether the console is a terminal: stdout and stderr both (bars would leave escape codes in a file)."""
+    return sys.stdout.isatty() and sys.stderr.isatty()
+
+
+def configure_console(is_main_process: bool, progress_bar: bool) -> None:
+    """Set third-party console output for a run; call once, before its data is loaded.
+
+    datasets' progress bars ("Flattening the indices", map and its tokenizing) show only where the
+    run's own bars do: on the main process, with progress_bar true, on a terminal. Its warnings
+    show on the main process only: every process would print the same.
+    """
+    import datasets  # the run loads its data with it next
+
+    if not (is_main_process and progress_bar and interactive()):
+        datasets.disable_progress_bars()
+    if not is_main_process:
+        datasets.logging.set_verbosity_error()
+
+
+def route_wandb_console(path: Path) -> logging.Handler:
+    """Send what wandb prints (banner, hints, the run's history and summary, warnings) to `path`.
+
+    wandb prints through its terminal functions (wandb.termlog and its kin), which write to a
+    fallback logger instead of stderr once set up "silent". wandb.setup() sets them up once per
+    process, from its settings: it runs first, so that this setting is the one kept. The run's own
+    settings stay as they are (silent there would print nothing anywhere). Undo with
+    restore_wandb_console(handler).
+    """
+    import wandb
+
+    wandb.setup()
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    logger = logging.getLogger("accelerated_trainer.wandb")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    wandb.termsetup(wandb.Settings(silent=True), logger)
+    return handler
+
+
+def restore_wandb_console(handler: logging.Handler) -> None:
+    """wandb prints to the console again, as its own settings say; `path` is closed."""
+    import wandb
+
+    wandb.termsetup(wandb.setup().settings, None)
+    logging.getLogger("accelerated_trainer.wandb").removeHandler(handler)
+    handler.close()
 
 
 def wandb_mode(options: WandbOptions) -> str:
@@ -75,6 +136,7 @@ class Tracker:
         self._metrics_file = None
         self._starting: threading.Thread | None = None
         self._start_error: BaseException | None = None
+        self._wandb_console: logging.Handler | None = None
 
     def start(self, run_id: str | None = None, step: int = 0) -> None:
         """Open metrics.jsonl and start the trackers.
@@ -92,8 +154,8 @@ class Tracker:
         if not self.trackers:
             return
         if self.mode == "offline":
-            self.accelerator.print("wandb: no credentials configured (or mode offline); logging offline under "
-                                   f"{self.run_dir / 'wandb'}.")
+            self.accelerator.print("tracking: no W&B credentials configured (or mode offline); W&B is logging offline "
+                                   f"under {self.run_dir / 'wandb'}.")
         wandb = self.options.wandb
         init = {
             "wandb": {
@@ -114,6 +176,8 @@ class Tracker:
 
     def _start_trackers(self, project: str, init: dict) -> None:
         try:
+            if "wandb" in self.trackers:
+                self._wandb_console = route_wandb_console(self.run_dir / WANDB_LOG)
             if self.mode == "offline":
                 wait_past_offline_runs(self.run_dir / "wandb", self.run_id)
             self.accelerator.init_trackers(project, init_kwargs=init)
@@ -151,25 +215,36 @@ class Tracker:
         try:
             self._wait_for_start()
         except BaseException:  # the trackers never started: metrics.jsonl is still closed
-            self._close_metrics()
+            self._close_console()
             raise
+        url = None
         if "wandb" in self.trackers:
             run = self.accelerator.get_tracker("wandb", unwrap=True)
+            url = getattr(run, "url", None) if self.mode == "online" else None
             for key, value in summary.items():
                 run.summary[key] = _json_safe(_item(value))
-        # Each tracker's own finish, not `end_training`: that also destroys the process group, and
-        # only the main process gets here.
-        for tracker in self.accelerator.trackers:
-            tracker.finish()
-        self.accelerator.trackers.clear()
+        try:
+            # Each tracker's own finish, not `end_training`: that also destroys the process group,
+            # and only the main process gets here.
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
+            self.accelerator.trackers.clear()
+        finally:
+            self._close_console()
+        # The one line of W&B's that matters: where the run is, or how to upload it.
         if self.mode == "offline":
             self.accelerator.print(f"wandb: upload this run with `wandb sync {self.run_dir / 'wandb'}/offline-run-*-{self.run_id}`")
-        self._close_metrics()
+        elif url:
+            self.accelerator.print(f"wandb: run at {url}")
 
-    def _close_metrics(self) -> None:
+    def _close_console(self) -> None:
+        """Close metrics.jsonl and give wandb the console back."""
         if self._metrics_file:
             self._metrics_file.close()
             self._metrics_file = None
+        if self._wandb_console is not None:
+            restore_wandb_console(self._wandb_console)
+            self._wandb_console = None
 
 
 def wait_past_offline_runs(wandb_dir: Path, run_id: str) -> None:
@@ -208,32 +283,63 @@ def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:
 
 
 class Progress:
-    """tqdm bars on the main process: one for epochs, one for the steps of the current epoch."""
+    """Progress on the main process: on a terminal, tqdm bars (one for epochs, one for the steps
+    of the current epoch); redirected, plain lines (one per epoch, and one every
+    PLAIN_LINE_EVERY_S within a long epoch), so a log file holds no escape codes.
+
+    Args:
+        enabled: False shows nothing (other processes, progress_bar false, --quiet).
+    """
 
     def __init__(self, enabled: bool, n_epochs: int, start_epoch: int):
-        self.enabled = enabled
-        self.epochs = tqdm(total=n_epochs, initial=start_epoch, desc="epochs", disable=not enabled, position=0)
+        self.bars = enabled and interactive()
+        self.lines = enabled and not self.bars
+        self.n_epochs = n_epochs
+        self.epochs_done = start_epoch
+        self.epochs = tqdm(total=n_epochs, initial=start_epoch, desc="epochs", disable=not self.bars, position=0)
         self.steps = None
+        self._epoch = start_epoch
+        self._total = self._done = 0
+        self._values: dict[str, Any] = {}
+        self._started = self._printed = time.monotonic()
 
     def start_epoch(self, epoch: int, total: int, done: int = 0) -> None:
         if self.steps is not None:
             self.steps.close()
-        self.steps = tqdm(total=total, initial=done, desc=f"epoch {epoch}", leave=False, disable=not self.enabled, position=1)
+        self.steps = tqdm(total=total, initial=done, desc=f"epoch {epoch}", leave=False, disable=not self.bars, position=1)
+        self._epoch, self._total, self._done = epoch, total, done
 
     def advance(self, n: int = 1) -> None:
         self.steps.update(n)
+        if self.lines:
+            self._done += n
+            if time.monotonic() - self._printed >= PLAIN_LINE_EVERY_S:
+                self._print_line(f"epoch {self._epoch}: {self._done}/{self._total} steps", self._values)
 
     def show(self, **values: Any) -> None:
-        self.steps.set_postfix({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in values.items()}, refresh=False)
+        self.steps.set_postfix(_formatted(values), refresh=False)
+        self._values = values
 
     def end_epoch(self, **values: Any) -> None:
         self.epochs.update(1)
-        self.epochs.set_postfix({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in values.items()})
+        self.epochs.set_postfix(_formatted(values))
+        self.epochs_done += 1
+        if self.lines:
+            self._print_line(f"epochs {self.epochs_done}/{self.n_epochs}", {**self._values, **values})
+
+    def _print_line(self, head: str, values: dict[str, Any]) -> None:
+        self._printed = time.monotonic()
+        fields = ", ".join(f"{key} {value}" for key, value in _formatted(values).items())
+        print(f"{head}{': ' + fields if fields else ''} ({self._printed - self._started:.1f} s)", flush=True)
 
     def close(self) -> None:
         for bar in (self.steps, self.epochs):
             if bar is not None:
                 bar.close()
+
+
+def _formatted(values: dict[str, Any]) -> dict[str, Any]:
+    return {key: f"{value:.4g}" if isinstance(value, float) else value for key, value in values.items()}
 
 
 def say(accelerator, message: str) -> None:

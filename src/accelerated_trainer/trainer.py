@@ -30,7 +30,7 @@ from .models import build_model
 from .models import resolve as resolve_model
 from .optim import OptimizerStep, build_optimizer, steps_every_micro_batch
 from .preemption import StopRequest
-from .tracking import Progress, Tracker, say, summary
+from .tracking import Progress, Tracker, configure_console, say, summary
 
 __all__ = ["AcceleratedTrainer", "ModelError", "NonFiniteLossError", "Trainer", "TrainResult", "TrainingState"]
 
@@ -98,6 +98,7 @@ class AcceleratedTrainer:
         self.config: TrainerConfig = load_config(config)
         self.run_dir = self.config.run_dir
         self.accelerator = build_accelerator(self.config.training_options, self.config.experiment_options, self.run_dir)
+        configure_console(self.accelerator.is_main_process, self.config.experiment_options.progress_bar)
         data_info, fingerprint = self._build_data(train_dataset, eval_dataset, collate_fn)
         self._build_model(model, data_info)
         self._build_components(fingerprint)

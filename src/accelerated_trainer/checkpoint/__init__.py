@@ -1,21 +1,31 @@
-"""Checkpoints: `last` (full resumable state), `previous`, `best` and the top-k by the monitored metric.
+"""Checkpoints: `last` (full resumable state), `previous`, `older`, `best` and the top-k by the
+monitored metric.
 
     checkpointer  Checkpointer: when to save what, what a failed write does, resuming
     states        the registry {name: Stateful}: adapters for the model's weights and the RNG
     store         a full checkpoint directory: which state goes to which file
-    run_dir       the run directory: names, index, finding a resumable checkpoint, what changed since
+    run_dir       the run directory: names, index, the run lock, finding a resumable checkpoint,
+                  whether a fresh run may start (without torch), what changed since
     top_k         the top-k decision
     files         crash-consistent directories: temporary name, fsync, manifest, rename into place
     tensors       pickle-free tensor files: the safetensors writer, nested state as JSON + tensors
     async_writer  asynchronous saves: host staging buffers, the background write
+
+The names below load on first use: the command line reads run_dir without importing torch.
 """
 
-from .checkpointer import Checkpointer
-from .files import CheckpointError
-from .run_dir import INDEX, RunDir, RunSignature
-from .states import ModelState, Stateful
-from .store import WEIGHTS
-from .top_k import Entry, select_top_k
+from importlib import import_module
 
-__all__ = ["INDEX", "WEIGHTS", "CheckpointError", "Checkpointer", "Entry", "ModelState", "RunDir", "RunSignature",
-           "Stateful", "select_top_k"]
+_EXPORTS = {
+    "Checkpointer": "checkpointer", "CheckpointError": "files", "INDEX": "run_dir", "RunDir": "run_dir",
+    "RunSignature": "run_dir", "ModelState": "states", "Stateful": "states", "WEIGHTS": "store", "Entry": "top_k",
+    "select_top_k": "top_k",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

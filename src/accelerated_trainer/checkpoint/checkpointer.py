@@ -30,7 +30,7 @@ from typing import Callable
 
 from ..config import CheckpointOptions, ConfigError
 from ..distributed import first_error, from_main
-from ..metrics import is_improvement, rank_key
+from ..monitor import is_improvement, rank_key
 from ..tracking import say
 from . import files
 from .async_writer import PendingSave

@@ -48,23 +48,32 @@ class RunDir:
     def has_checkpoints(self) -> bool:
         return any((self.path / name).exists() for name in (LAST, PREVIOUS, BEST, TOP, INDEX))
 
+    def fresh_start_overwrites(self, resume, overwrite: bool) -> bool:
+        """Whether this run starts afresh over an earlier run's checkpoints, which it must delete
+        first (the one rule; the command line checks it before anything slow, without torch).
+
+        Raises:
+            ConfigError: resume is false, the directory holds checkpoints and overwrite is false.
+        """
+        if resume is not False or not self.has_checkpoints():
+            return False
+        if not overwrite:
+            raise ConfigError(
+                f"run directory {self.path} already holds checkpoints of an earlier run: set "
+                "experiment_options.resume=true to continue it, experiment_options.title=NAME to start another run "
+                "beside it, or experiment_options.overwrite=true to delete it (on the command line: --set KEY=VALUE).")
+        return True
+
     def prepare(self, resume, overwrite: bool, accelerator) -> None:
         """Refuse to train a fresh run over earlier checkpoints unless `overwrite` deletes them.
 
         Raises:
             ConfigError: the run directory holds checkpoints, resume is false and overwrite is not set.
         """
-        if resume is not False or not self.has_checkpoints():
-            return
-        if not overwrite:
-            raise ConfigError(
-                f"run directory {self.path} already holds checkpoints. Set experiment_options.resume to true to "
-                "continue it, choose another experiment_options.title, or set experiment_options.overwrite to true "
-                "to delete them."
-            )
-        if accelerator.is_main_process:
-            self.clear()
-        accelerator.wait_for_everyone()
+        if self.fresh_start_overwrites(resume, overwrite):
+            if accelerator.is_main_process:
+                self.clear()
+            accelerator.wait_for_everyone()
 
     def clear(self) -> None:
         """Delete an earlier run's checkpoints and logs (a fresh run with overwrite, main process only)."""

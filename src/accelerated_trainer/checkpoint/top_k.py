@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from ..metrics import rank_key
+from ..monitor import rank_key
 
 
 @dataclass

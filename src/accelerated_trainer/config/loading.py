@@ -83,7 +83,8 @@ def load_config(source: Union[TrainerConfig, dict, str, Path], overrides: list[s
     try:
         return TrainerConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_describe(err, raw, origin=None if isinstance(source, (dict, TrainerConfig)) else source)) from None
+        origin = None if isinstance(source, (dict, TrainerConfig)) else source
+        raise ConfigError(_describe(err, raw, origin, list(overrides))) from None
 
 
 def _read_file(path: Path) -> dict:
@@ -128,12 +129,18 @@ def _apply_override(raw: dict, override: str) -> None:
     node[leaf] = value
 
 
-def _describe(err: ValidationError, raw: dict, origin: Any) -> str:
-    where = f" in {str(origin)!r}" if origin is not None else ""
+def _describe(err: ValidationError, raw: dict, origin: Any, overrides: list[str]) -> str:
+    """One paragraph: each invalid JSON path, what is wrong there, and, for a value that an override
+    set, that override (the file is named only for what came from it)."""
     problems: dict[str, list[str]] = {}
+    from_file = False
     for problem in err.errors():
         loc = _user_path(raw, problem["loc"], missing=problem["type"] == "missing")
         path = ".".join(str(part) for part in loc) or "(top level)"
+        override = _override_of(loc, overrides)
+        from_file |= override is None
+        if override is not None:
+            path += f" (from --set {override})"
         if problem["type"] == "extra_forbidden":
             text = f"unknown key{_suggest(loc)}"
         elif problem["type"] == "missing":
@@ -145,7 +152,18 @@ def _describe(err: ValidationError, raw: dict, origin: Any) -> str:
         # A union (e.g. resume: bool or path) fails once per member: say it once, joined by "or".
         problems.setdefault(path, []).append(text)
     details = " ".join(f"{path}: {' or '.join(dict.fromkeys(texts))}." for path, texts in problems.items())
+    where = f" in {str(origin)!r}" if origin is not None and from_file else ""
     return f"invalid config{where}: {details}"
+
+
+def _override_of(loc: list, overrides: list[str]) -> str | None:
+    """The last override that set the value at `loc` or one of its sections (the last one wins)."""
+    path = [str(part) for part in loc]
+    for override in reversed(overrides):
+        keys = [part.strip() for part in override.partition("=")[0].strip().split(".")]
+        if path[: len(keys)] == keys:
+            return override
+    return None
 
 
 def _user_path(raw: Any, loc: tuple, missing: bool) -> list:
