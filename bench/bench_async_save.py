@@ -12,8 +12,8 @@ state) on random data, batch 32, one torch thread, saving `last` every --every s
 A step is timed forward to forward (bench_step.py's MLP stamps its forward). A step "during a
 save" is one whose interval overlaps a save, from the call of save_last until checkpoints.json
 lists the new `last`; for sync that is the step that saves. Only saves started inside the timed
-window count; the untimed warm-up holds a run's first two saves, which write new files (from
-the third on, a save writes over the files of `previous`: the steady state). Reported: the
+window count; the untimed warm-up holds a run's first three saves, which write new files (from
+the fourth on, a save writes over the files of `older`: the steady state). Reported: the
 median and the mean of those steps, and of all steps, against the `none` runs' steps, and the
 median against the steps outside a save of the same runs (on a shared VM the machine's speed
 drifts from run to run; neighbouring steps share it). All variants alternate in rounds within
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="untimed rounds first: on a fresh VM the first writes into never-touched memory are slow")
     parser.add_argument("--steps", type=int, default=60, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=None,
-                        help="untimed steps first (default: 2 x --every + 3, so two saves fall in it)")
+                        help="untimed steps first (default: 3 x --every + 3, so three saves fall in it)")
     parser.add_argument("--every", type=int, default=15, help="save_every_n_steps")
     parser.add_argument("--width", type=int, default=2048)
     parser.add_argument("--layers", type=int, default=6)
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="also write the raw step times here (bench/compare_commits.py reads them)")
     args = parser.parse_args(argv)
     if args.warmup is None:
-        args.warmup = 2 * args.every + 3
+        args.warmup = 3 * args.every + 3
     if args.quick:
         args.rounds, args.warmup_rounds, args.steps, args.warmup, args.every, args.width, args.layers = 1, 0, 12, 2, 4, 256, 2
     import datasets

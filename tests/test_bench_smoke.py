@@ -4,6 +4,7 @@ Only that they finish and print their table; the timings themselves belong in be
 tests. They run side by side to keep this file short (they are mostly imports).
 """
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -43,3 +44,17 @@ def test_bench_quick_prints_its_table(quick_runs, script):
     returncode, stdout, stderr = quick_runs[script]
     assert returncode == 0, stderr[-3000:]
     assert HEADERS[script] in stdout, stdout[-3000:]
+
+
+def test_fault_campaign_quick_run_loses_nothing(tmp_path):
+    """One random SIGKILL of a 1-process and one of a 2-process run, each resumed: whatever the
+    moment, nothing lost or corrupt and the final weights are the uninterrupted run's."""
+    out = tmp_path / "outcomes.json"
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "fault_campaign.py"), "--quick", "--json", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| processes | trials | killed mid-save | lost | corrupt | bit-exact |" in done.stdout
+    outcomes = json.loads(out.read_text())
+    assert sorted(outcomes) == ["1", "2"]
+    for trials in outcomes.values():
+        assert all(not t["lost"] and not t["corrupt"] and t["bit-exact"] for t in trials), trials

@@ -62,7 +62,9 @@ def uninterrupted(tmp_path_factory):
 @pytest.mark.parametrize("crash_at, resumes_from", [
     ("step:35", "last"),  # mid-epoch 1; the step-30 checkpoint is 7 batches into it
     ("seal:3", "last"),  # while writing the epoch-0 checkpoint: the step-20 one stands
-    ("publish:5", "previous"),  # between the renames of the step-40 save: last is gone, previous holds
+    # Between the renames of the step-40 save: the old `last` is `previous` already, the new one,
+    # complete, is still `.last.tmp`; the resume completes the save instead of dropping it.
+    ("publish:5", "last"),
 ])
 def test_sigkill_then_resume_matches_the_uninterrupted_run(tmp_path, uninterrupted, crash_at, resumes_from):
     crashed = cli(CRASH_RUN, tmp_path, env={"CRASH_AT": crash_at})
@@ -70,6 +72,7 @@ def test_sigkill_then_resume_matches_the_uninterrupted_run(tmp_path, uninterrupt
     resumed = cli("train.py", tmp_path, "experiment_options.resume=true")
     assert resumed.returncode == 0, resumed.stdout[-1500:] + resumed.stderr[-4000:]
     assert f"continuing from {tmp_path / 'digits-mlp' / resumes_from}" in resumed.stdout
+    assert ("completed the save of step 40" in resumed.stdout) == crash_at.startswith("publish")
     assert_bitwise_equal(final_weights(tmp_path), uninterrupted[1])
     index = json.loads((tmp_path / "digits-mlp" / "checkpoints.json").read_text())
     on_disk = sorted(str(p.relative_to(tmp_path / "digits-mlp")) for p in (tmp_path / "digits-mlp" / "top").iterdir())

@@ -15,6 +15,8 @@ from typing import NoReturn
 PREEMPTED_EXIT_CODE = 99  # preempted or max_time_s: `last` is complete, relaunch with resume
 LOST_PROCESS_EXIT_CODE = 3  # another process of the job died or hung
 STOPPED_BY_FAULT_EXIT_CODE = 4  # a checkpoint write failed or the loss became NaN/inf
+NOT_SAVED_EXIT_CODE = 5  # on_save_error "continue": training ended but its final state is not in `last`
+INTERRUPTED_EXIT_CODE = 130  # Ctrl-C: the first one saved `last` (resume to go on), a second one stopped at once
 
 EPILOG = """\
 overrides:
@@ -35,8 +37,10 @@ launching (train.py in a checkout is the same command as accelerated-trainer):
 exit codes: 0 done; 1 a dependency is not installed, or a crash (traceback); 2 invalid config or
   data, or a run directory holding an earlier run (the message says what to fix); 3 another process
   of the job died or hung; 4 a checkpoint write failed or the loss became NaN/inf (earlier
-  checkpoints intact); 99 preempted (SIGTERM/SIGUSR1) or max_time_s spent, with a complete
-  `last` checkpoint: relaunch with --set experiment_options.resume=true.
+  checkpoints intact); 5 training ended but its final state could not be saved
+  (on_save_error: continue); 99 preempted (SIGTERM/SIGUSR1) or max_time_s spent, with a complete
+  `last` checkpoint: relaunch with --set experiment_options.resume=true; 130 Ctrl-C: the first
+  saves `last` like a preemption, a second stops at once.
 """
 
 
@@ -94,7 +98,11 @@ def run_and_exit(argv: list[str] | None = None) -> NoReturn:
     already destroyed), which a launcher or SLURM reports as a failed job. By then every
     checkpoint is complete, every file closed, and the trackers finished.
     """
-    code = main(argv)
+    try:
+        code = main(argv)
+    except KeyboardInterrupt:  # a Ctrl-C outside the run (training is over, or not yet begun)
+        print("interrupted.", file=sys.stderr)
+        code = INTERRUPTED_EXIT_CODE
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         sys.exit(code)
     if "wandb" in sys.modules:
@@ -140,9 +148,16 @@ def _run(argv: list[str] | None) -> int:
 
         # Refused before torch loads: the trainer applies the same rule before it changes anything.
         RunDir(config.run_dir).fresh_start_overwrites(config.experiment_options.resume, config.experiment_options.overwrite)
+        from .preemption import hold
+
+        hold(config.experiment_options.preemption_signals)  # a scheduler's signal during the set-up is not lost
         from .trainer import AcceleratedTrainer
 
         result = AcceleratedTrainer(None, config).train()
+    except KeyboardInterrupt:
+        print("interrupted: stopped at once (a second Ctrl-C, or one during the set-up); the checkpoints written "
+              "so far are complete: resume with --set experiment_options.resume=true.", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -164,6 +179,10 @@ def _run(argv: list[str] | None) -> int:
               "It probably died or hung: its own log says why. The last complete checkpoint is in "
               f"{config.run_dir / 'last'}; relaunch with --set experiment_options.resume=true.", file=sys.stderr)
         return LOST_PROCESS_EXIT_CODE
+    if result.save_error:
+        return NOT_SAVED_EXIT_CODE
+    if result.interrupted:
+        return INTERRUPTED_EXIT_CODE
     return PREEMPTED_EXIT_CODE if result.preempted else 0
 
 

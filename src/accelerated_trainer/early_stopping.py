@@ -15,7 +15,8 @@ class Stop:
     """Why training stops, whatever stopped it."""
 
     reason: str  # for people: "completed 10 epochs", "preempted by SIGTERM", ...
-    preempted: bool = False  # a signal or max_time_s: `last` is saved and the run should be resumed
+    preempted: bool = False  # a signal, Ctrl-C or max_time_s: `last` is saved and the run can be resumed
+    interrupted: bool = False  # Ctrl-C (SIGINT)
 
 
 @dataclass

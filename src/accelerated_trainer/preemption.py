@@ -15,19 +15,42 @@ from __future__ import annotations
 
 import signal
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported when a run starts, not by the command line's early hold()
+    import torch
 
-from .early_stopping import Stop
+    from .early_stopping import Stop
+
+INTERRUPTED = "interrupted by Ctrl-C (SIGINT)"
+
+
+# Signals that arrived while no StopRequest was installed (held since the command line started).
+_held: list[str] = []
+
+
+def hold(signals: list[str]) -> None:
+    """Record these signals instead of dying of them, from now until the process exits.
+
+    The command line calls it as soon as the config is read: a scheduler's SIGTERM during the
+    set-up (imports, data loading) is then honoured by the StopRequest once training starts, and
+    one after training (while trackers close) no longer kills a run whose checkpoints are written.
+    """
+    for name in signals:
+        if name != "SIGINT":  # Ctrl-C during the set-up stops it at once, as usual
+            signal.signal(getattr(signal, name), lambda number, frame: _held.append(signal.Signals(number).name))
 
 
 class StopRequest:
-    """Collects stop requests (signals, the time budget) and agrees on them across processes."""
+    """Collects stop requests (signals, Ctrl-C, the time budget) and agrees on them across processes.
+
+    The first Ctrl-C (SIGINT) stops like a preemption: the step finishes, `last` is saved; a
+    second one interrupts at once (KeyboardInterrupt).
+    """
 
     def __init__(self, accelerator, signals: list[str], max_time_s: float | None):
         self.accelerator = accelerator
-        self.signal_names = signals
+        self.signal_names = list(dict.fromkeys([*signals, "SIGINT"]))
         self.deadline = None if max_time_s is None else time.monotonic() + max_time_s
         self.received: str | None = None
         self._previous: dict[int, Any] = {}
@@ -37,6 +60,9 @@ class StopRequest:
         for name in self.signal_names:
             number = getattr(signal, name)
             self._previous[number] = signal.signal(number, self._on_signal)
+        if _held:
+            self.received = _held[0]
+            _held.clear()
 
     def uninstall(self) -> None:
         for number, handler in self._previous.items():
@@ -45,10 +71,16 @@ class StopRequest:
 
     def _on_signal(self, number: int, frame) -> None:
         # Only record it: the step in progress finishes, then the trainer saves and stops.
-        # A second signal (the launcher forwarding what the scheduler also sent) changes nothing.
-        self.received = self.received or signal.Signals(number).name
+        # A second signal (the launcher forwarding what the scheduler also sent) changes nothing,
+        # but for a second Ctrl-C, which interrupts at once.
+        name = signal.Signals(number).name
+        if name == "SIGINT":
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        self.received = self.received or name
 
     def _local_reason(self) -> str | None:
+        if self.received == "SIGINT":
+            return INTERRUPTED
         if self.received:
             return f"preempted by {self.received}"
         if self.deadline is not None and time.monotonic() >= self.deadline:
@@ -58,11 +90,16 @@ class StopRequest:
     def should_stop(self) -> Stop | None:
         """The agreed Stop (preempted), or None. Call once per optimizer step on every process."""
         reason = self._agreed_reason()
-        return None if reason is None else Stop(reason, preempted=True)
+        if reason is None:
+            return None
+        from .early_stopping import Stop
+
+        return Stop(reason, preempted=True, interrupted=reason == INTERRUPTED)
 
     def _agreed_reason(self) -> str | None:
         if self.accelerator.num_processes == 1:
             return self._local_reason()
+        import torch
         import torch.distributed as dist
 
         flag = torch.tensor([self._code()], dtype=torch.float32, device=self.accelerator.device)
@@ -82,7 +119,7 @@ class StopRequest:
             return None
         if code == 1:
             return "max_time_s reached"
-        return f"preempted by {self.received}" if self.received else "preempted by a signal another process received"
+        return self._local_reason() if self.received else "preempted by a signal another process received"
 
     def _code(self) -> int:
         if self.received:

@@ -194,7 +194,24 @@ class Tracker:
             self._starting = None
         if self._start_error is not None:
             error, self._start_error = self._start_error, None
+            self._drop("could not start", error)
+
+    def _drop(self, what: str, error: BaseException) -> None:
+        """Trackers never stand between the run and its checkpoints: one that fails (its service
+        killed by the scheduler's signal, a server down) is reported once and dropped."""
+        if isinstance(error, (KeyboardInterrupt, SystemExit)):
             raise error
+        names = ", ".join(self.trackers)
+        self.trackers = []
+        self.accelerator.trackers.clear()
+        if "wandb" in sys.modules:
+            try:  # stops its service and unregisters the exit hook that would fail again at exit
+                sys.modules["wandb"].teardown()
+            except Exception:
+                pass
+        print(f"warning: the trackers ({names}) {what} ({type(error).__name__}: {error}); they are dropped for the "
+              f"rest of the run. Training and checkpoints go on; {self.run_dir / 'metrics.jsonl'} keeps every value.",
+              flush=True)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         """Record metrics at an optimizer step: one JSON line, and the trackers."""
@@ -206,33 +223,38 @@ class Tracker:
         self._metrics_file.flush()
         if self.trackers:
             self._wait_for_start()
-            self.accelerator.log(values, step=step)
+        if self.trackers:
+            try:
+                self.accelerator.log(values, step=step)
+            except Exception as err:
+                self._drop("failed to log", err)
 
     def finish(self, summary: dict[str, Any]) -> None:
-        """Write the run summary (W&B), close the trackers and metrics.jsonl."""
+        """Write the run summary (W&B), close the trackers and metrics.jsonl. Never raises for a
+        tracker that fails: it is reported and dropped."""
         if not self.accelerator.is_main_process:
             return
         try:
-            self._wait_for_start()
-        except BaseException:  # the trackers never started: metrics.jsonl is still closed
-            self._close_console()
-            raise
-        url = None
-        if "wandb" in self.trackers:
-            run = self.accelerator.get_tracker("wandb", unwrap=True)
-            url = getattr(run, "url", None) if self.mode == "online" else None
-            for key, value in summary.items():
-                run.summary[key] = _json_safe(_item(value))
-        try:
+            if self.trackers:
+                self._wait_for_start()
+            url = None
+            if "wandb" in self.trackers:
+                run = self.accelerator.get_tracker("wandb", unwrap=True)
+                url = getattr(run, "url", None) if self.mode == "online" else None
+                for key, value in summary.items():
+                    run.summary[key] = _json_safe(_item(value))
             # Each tracker's own finish, not `end_training`: that also destroys the process group,
             # and only the main process gets here.
             for tracker in self.accelerator.trackers:
                 tracker.finish()
             self.accelerator.trackers.clear()
+        except Exception as err:
+            self._drop("failed to finish", err)
+            url = None
         finally:
             self._close_console()
         # The one line of W&B's that matters: where the run is, or how to upload it.
-        if self.mode == "offline":
+        if self.mode == "offline" and (self.run_dir / "wandb").is_dir():
             self.accelerator.print(f"wandb: upload this run with `wandb sync {self.run_dir / 'wandb'}/offline-run-*-{self.run_id}`")
         elif url:
             self.accelerator.print(f"wandb: run at {url}")
@@ -349,14 +371,18 @@ def say(accelerator, message: str) -> None:
 
 
 def summary(result, seconds: float, kept) -> str:
-    """The end-of-run summary of a TrainResult."""
+    """The end-of-run summary of a TrainResult; what needs doing comes last."""
     best = "n/a" if result.best_metric is None else f"{result.best_metric:.6g}"
     lines = [
         "", f"run finished: {result.stop_reason}",
         f"  run directory   {result.run_dir}",
         f"  epochs / steps  {result.epochs} / {result.steps} in {seconds:.1f} s",
         f"  best {result.monitor:<10} {best}  ({result.best_checkpoint or 'no validation'})",
-        f"  last checkpoint {result.last_checkpoint}",
+        f"  last checkpoint {result.last_checkpoint or 'NOT SAVED'}",
         f"  top-k           {', '.join(e.path for e in kept) or '-'}",
     ]
+    if result.preempted and not result.save_error:
+        lines.append("  to go on, run the same command with --set experiment_options.resume=true")
+    if result.save_error:
+        lines.append(f"error: {result.save_error}")
     return "\n".join(lines)

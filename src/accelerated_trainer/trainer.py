@@ -70,7 +70,9 @@ class TrainResult:
     steps: int  # optimizer steps completed
     stop_reason: str
     metrics: dict[str, float] = field(default_factory=dict)  # the last validation metrics
-    preempted: bool = False  # stopped by a signal or max_time_s, with `last` saved: resume to go on
+    preempted: bool = False  # stopped by a signal, Ctrl-C or max_time_s, with `last` saved: resume to go on
+    interrupted: bool = False  # stopped by Ctrl-C (SIGINT)
+    save_error: str | None = None  # on_save_error "continue": why the final state is not in `last`
 
 
 class NonFiniteLossError(RuntimeError):
@@ -180,7 +182,11 @@ class AcceleratedTrainer:
     def train(self) -> TrainResult:
         """Run the whole job: resume if asked, train and validate, checkpoint, stop, report."""
         started = time.perf_counter()
-        self._start_run()
+        try:
+            self._start_run()
+        except BaseException:
+            self.checkpointer.abort()  # gives the run directory back
+            raise
         try:
             stop = self._run_epochs()
             self.checkpointer.finish(self.state.epoch, self.state.step)  # the run ends with its checkpoints on disk
@@ -344,8 +350,9 @@ class AcceleratedTrainer:
         result = TrainResult(
             run_dir=self.run_dir, monitor=self.config.training_options.monitor,
             best_metric=best.value if best else None, best_checkpoint=best and self.run_dir / best.path,
-            last_checkpoint=self.run_dir / "last", epochs=self.state.epoch, steps=self.state.step,
-            stop_reason=stop.reason, metrics=self.last_metrics, preempted=stop.preempted,
+            last_checkpoint=None if self.checkpointer.unsaved else self.run_dir / "last", epochs=self.state.epoch,
+            steps=self.state.step, stop_reason=stop.reason, metrics=self.last_metrics, preempted=stop.preempted,
+            interrupted=stop.interrupted, save_error=self.checkpointer.unsaved,
         )
         self.tracker.finish({"stop_reason": stop.reason, f"best_{result.monitor}": result.best_metric,
                              "steps": result.steps, "epochs": result.epochs, "seconds": seconds})

@@ -191,7 +191,7 @@ def state_step(directory):
     return files.read_json(directory / "state.json")["step"]
 
 
-def test_save_last_twice_rotates_last_into_previous(tmp_path, accelerator):
+def test_save_last_shifts_last_previous_older_and_rewrites_the_oldest_in_place(tmp_path, accelerator):
     run_dir = tmp_path / "run"
     model, optimizer, scheduler = trained()
     checkpointer = checkpointer_for(run_dir, accelerator, model, optimizer, scheduler, monitor="val_loss", mode="min", save_top_k=2)
@@ -207,13 +207,18 @@ def test_save_last_twice_rotates_last_into_previous(tmp_path, accelerator):
     names = {p.name for p in (run_dir / "last").iterdir()}
     assert names == {WEIGHTS, "optimizer.json", "optimizer.safetensors", "state.json", "rng-rank0.json", files.MANIFEST}
 
-    # The third save writes over the first one's files (then `previous`) in place.
-    first = {name: (run_dir / "previous" / name).stat().st_ino for name in (WEIGHTS, "optimizer.safetensors")}
     save_last(checkpointer, {"step": 30, "epoch": 3})
-    assert (state_step(run_dir / "last"), state_step(run_dir / "previous")) == (30, 20)
+    assert [state_step(run_dir / name) for name in ("last", "previous", "older")] == [30, 20, 10]
+    assert sorted(p.name for p in run_dir.iterdir()) == [INDEX, "last", "older", "previous"]
+
+    # The fourth save writes over the first one's files (by then `older`) in place: `last` and
+    # `previous` stay whole while it is written.
+    first = {name: (run_dir / "older" / name).stat().st_ino for name in (WEIGHTS, "optimizer.safetensors")}
+    save_last(checkpointer, {"step": 40, "epoch": 4})
+    assert [state_step(run_dir / name) for name in ("last", "previous", "older")] == [40, 30, 20]
     assert {name: (run_dir / "last" / name).stat().st_ino for name in first} == first
-    assert files.verify(run_dir / "last") is None and files.verify(run_dir / "previous") is None
-    assert sorted(p.name for p in run_dir.iterdir()) == [INDEX, "last", "previous"]
+    assert all(files.verify(run_dir / name) is None for name in ("last", "previous", "older"))
+    assert sorted(p.name for p in run_dir.iterdir()) == [INDEX, "last", "older", "previous"]
 
 
 def test_find_resumable_prefers_last_and_falls_back_to_previous(tmp_path, accelerator):

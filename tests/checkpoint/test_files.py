@@ -140,22 +140,59 @@ def test_temporary_dir_does_not_recycle_what_is_not_a_sealed_checkpoint(tmp_path
     assert list(tmp.iterdir()) == [] and (unsealed / "x").is_dir()
 
 
-def test_publish_into_an_empty_place(tmp_path):
-    tmp = sealed_dir(tmp_path / ".last.tmp", 1)
-    files.publish(tmp, tmp_path / "last", keep_previous=tmp_path / "previous")
-    assert step_of(tmp_path / "last") == 1
+SLOT_NAMES = ("last", "previous", "older")
+
+
+def slots(tmp_path):
+    return [tmp_path / name for name in SLOT_NAMES]
+
+
+def test_shift_in_into_empty_slots(tmp_path):
+    placed = files.shift_in(sealed_dir(tmp_path / ".last.tmp", 1), slots(tmp_path), [])
+    assert placed == [tmp_path / "last"] and step_of(tmp_path / "last") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
 
 
-def test_publish_keeps_the_old_directory_as_previous(tmp_path):
-    dest, previous = tmp_path / "last", tmp_path / "previous"
-    sealed_dir(dest, 1)
-    files.publish(sealed_dir(tmp_path / ".last.tmp", 2), dest, keep_previous=previous)
-    assert (step_of(dest), step_of(previous)) == (2, 1)
+def test_shift_in_moves_the_newest_down_and_drops_what_no_longer_fits(tmp_path):
+    current = []
+    for step in (1, 2, 3, 4):
+        current = files.shift_in(sealed_dir(tmp_path / ".last.tmp", step), slots(tmp_path), current)
+    assert current == slots(tmp_path)
+    assert [step_of(path) for path in current] == [4, 3, 2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last", "older", "previous"]
 
-    files.publish(sealed_dir(tmp_path / ".last.tmp", 3), dest, keep_previous=previous)
-    assert (step_of(dest), step_of(previous)) == (3, 2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last", "previous"]
+
+def test_shift_in_sets_aside_a_damaged_slot_and_keeps_the_good_ones_in_order(tmp_path):
+    # After a fallback: `last` is damaged, `previous` and `older` are the good states.
+    (tmp_path / "last").mkdir()
+    (tmp_path / "last" / "state.json").write_text("{broken")
+    sealed_dir(tmp_path / "previous", 2)
+    sealed_dir(tmp_path / "older", 1)
+    placed = files.shift_in(sealed_dir(tmp_path / ".last.tmp", 3), slots(tmp_path),
+                            [tmp_path / "previous", tmp_path / "older"])
+    assert [step_of(path) for path in placed] == [3, 2, 1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last", "older", "previous"]
+
+
+def test_shift_in_keeps_each_checkpoint_whole_whatever_rename_a_crash_stops_at(tmp_path, monkeypatch):
+    for stop_at in range(3):
+        root = tmp_path / str(stop_at)
+        for step, name in ((3, "last"), (2, "previous"), (1, "older")):
+            sealed_dir(root / name, step)
+        renames, real_rename = [], type(root).rename
+
+        def rename(self, target, renames=renames, stop_at=stop_at):
+            if len(renames) == stop_at:
+                raise KeyboardInterrupt  # a crash at this rename
+            renames.append(target)
+            return real_rename(self, target)
+
+        monkeypatch.setattr(type(root), "rename", rename)
+        with pytest.raises(KeyboardInterrupt):
+            files.shift_in(sealed_dir(root / ".last.tmp", 4), slots(root), [root / "last", root / "previous"])
+        monkeypatch.undo()
+        steps = sorted(step_of(path) for path in root.iterdir() if files.verify(path) is None)
+        assert steps[-2:] == [3, 4] or steps[-3:] == [2, 3, 4], (stop_at, steps)
 
 
 def test_publish_without_keep_previous_replaces_dest(tmp_path):
@@ -173,16 +210,3 @@ def test_publish_clears_a_stale_trash_dir(tmp_path):
     files.publish(sealed_dir(tmp_path / ".best.tmp", 2), dest)
     assert step_of(dest) == 2
     assert [p.name for p in tmp_path.iterdir()] == ["best"]
-
-
-def test_publish_with_keep_previous_after_a_crash_during_cleanup(tmp_path):
-    # A crash after the last rename but before the old `previous` was deleted leaves
-    # `.last.trash-previous` behind; the next save must still go through.
-    dest, previous = tmp_path / "last", tmp_path / "previous"
-    sealed_dir(dest, 2)
-    sealed_dir(previous, 1)
-    sealed_dir(tmp_path / ".last.trash-previous", 0)
-
-    files.publish(sealed_dir(tmp_path / ".last.tmp", 3), dest, keep_previous=previous)
-    assert (step_of(dest), step_of(previous)) == (3, 2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last", "previous"]

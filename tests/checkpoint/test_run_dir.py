@@ -2,10 +2,10 @@
 
 import pytest
 
-from accelerated_trainer.checkpoint.run_dir import RunDir
+from accelerated_trainer.checkpoint.run_dir import SLOTS, RunDir
 from accelerated_trainer.config import ConfigError, ExperimentOptions
 
-CHECKPOINT_ENTRIES = ("last", "previous", "best", "top", "checkpoints.json")
+CHECKPOINT_ENTRIES = (*SLOTS, "best", "top", "checkpoints.json")
 
 
 def fresh_start_overwrites(experiment, run_dir):

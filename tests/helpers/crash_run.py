@@ -3,8 +3,8 @@
 CRASH_AT selects the moment, N counting from 1:
   step:N     right after optimizer step N, before anything of that step is saved
   seal:N     in the N-th save of `last`: every file written, the manifest not yet
-  publish:N  in the N-th publish of `last`: the old `last` already moved to `previous`,
-             the new one not yet renamed into place
+  publish:N  in the N-th publish of `last` (files.shift_in): the old `last` already moved to
+             `previous`, the new one not yet renamed into place
 CRASH_RANK is the process that dies (default 0); under a launcher the others are then ended by it.
 """
 
@@ -56,18 +56,19 @@ if int(os.environ.get("RANK", "0")) == int(os.environ.get("CRASH_RANK", "0")):
 
         files.seal = _seal
     elif point == "publish":
-        publish = files.publish
+        shift_in = files.shift_in
 
-        def _publish(tmp, dest, keep_previous=None):
-            if is_nth_last_save(dest) and keep_previous is not None and dest.exists():
-                # The first half of publish(): previous set aside, last moved to previous.
-                if keep_previous.exists():
-                    keep_previous.rename(dest.with_name(f".{dest.name}.trash-previous"))
-                dest.rename(keep_previous)
+        def _shift_in(tmp, slots, current):
+            if is_nth_last_save(slots[0]) and current:
+                # Every rename but the last: the slots have moved down, the new `last` is not in place.
+                kept = [tmp, *current][:len(slots)]
+                for source, slot in reversed(list(zip(kept, slots))[1:]):
+                    if source != slot:
+                        source.rename(slot)
                 die()
-            return publish(tmp, dest, keep_previous)
+            return shift_in(tmp, slots, current)
 
-        files.publish = _publish
+        files.shift_in = _shift_in
     else:
         raise SystemExit(f"unknown CRASH_AT {point!r}")
 

@@ -35,7 +35,7 @@ from ..tracking import say
 from . import files
 from .async_writer import PendingSave
 from .files import CheckpointError
-from .run_dir import BEST, INDEX, LAST, PREVIOUS, RunDir, RunSignature
+from .run_dir import BEST, INDEX, LAST, SLOTS, RunDir, RunLock, RunSignature
 from .states import MODEL, RNG, RNGState
 from .store import TENSOR_FILES, WEIGHTS, FullStore, write_weights_dir
 from .top_k import Entry, select_top_k
@@ -70,21 +70,31 @@ class Checkpointer:
         self.kept: list[Entry] = []
         self.best: Entry | None = None
         self.last: Entry | None = None
+        self._good: list[str] = []  # the slots holding complete checkpoints, newest first (main process)
+        self.lock = RunLock(self.run_dir)
+        self.failure: str | None = None  # the latest write that failed under on_save_error "continue"
+        self.unsaved: str | None = None  # set by finish() when the final state is not in `last`
         self._pending: PendingSave | None = None
         self._last_async_save_at: float | None = None  # time.perf_counter() of the latest asynchronous save
 
     # ------------------------------------------------------------ what the trainer calls
 
     def resume(self) -> bool:
-        """Prepare the run directory and load the checkpoint the config resumes from, if any.
+        """Take the run directory, prepare it and load the checkpoint the config resumes from, if any.
 
         Returns whether a checkpoint was loaded.
 
         Raises:
-            ConfigError: the run directory holds checkpoints, resume is false and overwrite is not
-                set; or `resume` names a checkpoint that is not usable.
+            ConfigError: another live run holds the run directory; it holds checkpoints and
+                neither resume nor overwrite is set; resume is set and none of its checkpoints
+                can be resumed from; or `resume` names a checkpoint that is not usable.
         """
+        self._lock()
         self.run_dir.prepare(self.options.resume, self.options.overwrite, self.accelerator)
+        if self.options.resume is True:
+            if self.accelerator.is_main_process and (recovered := self.run_dir.recover_interrupted_save()):
+                say(self.accelerator, recovered)
+            self.accelerator.wait_for_everyone()
         found = self._find_resumable()
         if found is None:
             return False
@@ -115,13 +125,21 @@ class Checkpointer:
         self._guarded(lambda: self.maybe_save_top(value, epoch, step, metrics))
 
     def finish(self, epoch: int, step: int) -> None:
-        """End of training: `last` holds the final state and every save is on disk."""
+        """End of training: `last` holds the final state and every save is on disk.
+
+        Under on_save_error "continue", `unsaved` then says why the final state is not in `last`
+        (None when it is).
+        """
         try:
             if self.last is None or self.last.step != step:
                 self._save_last_guarded(epoch, step)
             self._guarded(self.wait)
         finally:
             self.store.release()  # nothing is in flight any more
+            self.lock.release()
+        if self.last is None or self.last.step != step:
+            held = f"`last` holds step {self.last.step}" if self.last else "no `last` checkpoint was written"
+            self.unsaved = f"the final state (step {step}) was not saved: {self.failure}; {held}."
 
     def abort(self) -> None:
         """After a failure: let this process's save in flight finish, so the last good state is
@@ -131,6 +149,18 @@ class Checkpointer:
         except Exception:
             pass
         self.store.release()
+        self.lock.release()
+
+    def _lock(self) -> None:
+        error = None
+        if self.accelerator.is_main_process:
+            try:
+                if taken_over := self.lock.acquire():
+                    say(self.accelerator, taken_over)
+            except ConfigError as err:
+                error = str(err)
+        if error := first_error(self.accelerator, error):
+            raise ConfigError(error)
 
     # ------------------------------------------------------------ saving
 
@@ -141,6 +171,7 @@ class Checkpointer:
         except CheckpointError as err:
             if self.options.on_save_error == "stop":
                 raise
+            self.failure = str(err)
             say(self.accelerator, f"warning: {err} Training goes on (experiment_options.on_save_error: continue).")
 
     def _save_last_guarded(self, epoch: int, step: int) -> None:
@@ -149,32 +180,36 @@ class Checkpointer:
         self._guarded(lambda: self.save_last(epoch, step))
 
     def save_last(self, epoch: int, step: int, asynchronous: bool | None = None) -> Path:
-        """Write the full resumable state to `last`, keeping the old one as `previous`.
+        """Write the full resumable state to `last`; the two before it stay `previous` and `older`.
 
-        The new state is written over the files of the old `previous`. Asynchronous (the
-        default of options.async_save), it is written on a background thread and `wait()`,
-        which the next save calls, reports how it went. Until the new `last` is complete the old
-        `last` is untouched, so a crash mid-write loses only this save.
+        The new state is written into a slot that holds no complete checkpoint, or else over
+        the files of `older`: until it is complete, `last` and `previous` are untouched, so a
+        crash or a failed write mid-save leaves two full states. Asynchronous (the default of
+        options.async_save), it is written on a background thread and `wait()`, which the next
+        save calls, reports how it went.
 
         Raises:
-            CheckpointError: on every process, when any write failed; `last`, the index and the
-                lists are then as they were (`previous` is gone). Asynchronous: from `wait()`.
+            CheckpointError: on every process, when any write failed; `last`, `previous`, the
+                index and the lists are then as they were. Asynchronous: from `wait()`.
         """
         asynchronous = self.options.async_save if asynchronous is None else asynchronous
         self.wait()
         dest = self.run_dir / LAST
         tmp = RunDir.temporary(dest)
+        recycle = self._slot_to_rewrite()
         previous_last = self.last
         # The state captured below already names this checkpoint as `last`.
         self.last = Entry(LAST, epoch, step)
         try:
             capture = self.store.capture(self.states, asynchronous)
             index = self._index()
-            # `previous` is about to be replaced: its files are overwritten in place with the new state.
-            self._on_main(lambda: files.temporary_dir(dest, recycle=self.run_dir / PREVIOUS, keep=TENSOR_FILES), dest)
+            self._on_main(lambda: files.temporary_dir(dest, recycle=recycle, keep=TENSOR_FILES), dest)
+            self._good = [name for name in self._good if recycle is None or name != recycle.name]
             self._everywhere(lambda: self.store.write_own(capture, tmp), dest)
         except CheckpointError:
             self.last = previous_last
+            if self.accelerator.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
             raise
 
         def write(captured: Callable[[], None], pause: float | Callable[[], float]) -> None:
@@ -182,7 +217,12 @@ class Checkpointer:
             # No read-back verify here: right after writing it would hash the page cache, not the
             # disk. Resume verifies every file against the manifest.
             files.seal(tmp, checksums)
-            files.publish(tmp, dest, keep_previous=self.run_dir / PREVIOUS)
+            try:
+                placed = files.shift_in(tmp, [self.run_dir / name for name in SLOTS], [self.run_dir / name for name in self._good])
+            except OSError:
+                self._good = self.run_dir.find_resumable()[2]  # some renames may have happened
+                raise
+            self._good = [path.name for path in placed]
             files.atomic_write_json(self.run_dir / INDEX, index)
 
         if asynchronous:
@@ -201,6 +241,14 @@ class Checkpointer:
             self.last = previous_last
             raise
         return dest
+
+    def _slot_to_rewrite(self) -> Path | None:
+        """Where the next `last` is written: a slot without a complete checkpoint (a damaged one
+        after a fallback), else the oldest of three complete ones, else a new directory."""
+        for name in SLOTS:
+            if (self.run_dir / name).exists() and name not in self._good:
+                return self.run_dir / name
+        return self.run_dir / self._good[-1] if len(self._good) == len(SLOTS) else None
 
     def wait(self, agree: bool = True) -> None:
         """Block until the asynchronous save in flight, if any, is on disk.
@@ -299,18 +347,29 @@ class Checkpointer:
         if resume is False:
             return None
         path = None if resume is True else Path(resume)
-        found, skipped = self.find_resumable(path)
+        found, skipped, self._good = self.run_dir.find_resumable(path)
+        if path is not None:  # the run directory's own checkpoints, which the next saves must keep
+            self._good = self.run_dir.find_resumable()[2]
         for reason in skipped:
             say(self.accelerator, f"resume: passing over a checkpoint: {reason}")
-        if found is None:
-            if path is not None:
-                raise ConfigError(f"experiment_options.resume: {path} is not a usable checkpoint ({'; '.join(skipped) or 'not found'}).")
-            say(self.accelerator, f"resume: no checkpoint in {self.run_dir.path}; starting a fresh run.")
-        return found
+        if found is not None:
+            return found
+        if path is not None:
+            raise ConfigError(f"experiment_options.resume: {path} is not a usable checkpoint ({'; '.join(skipped) or 'not found'}).")
+        if self.run_dir.has_checkpoints():
+            damaged = "; ".join(skipped) or f"there is no {', '.join(SLOTS[:-1])} or {SLOTS[-1]} checkpoint, only best/ or top/ weights"
+            raise ConfigError(
+                f"experiment_options.resume: run directory {self.run_dir.path} holds checkpoints, but none of them can be "
+                f"resumed from: {damaged}. Nothing was changed. Restore a good copy of one of them, resume from a "
+                "checkpoint elsewhere by setting experiment_options.resume to its path, or start afresh with "
+                "experiment_options.resume false and experiment_options.overwrite true (which deletes them).")
+        say(self.accelerator, f"resume: no checkpoint in {self.run_dir.path}; starting a fresh run.")
+        return None
 
     def find_resumable(self, path: Path | None = None) -> tuple[Path | None, list[str]]:
-        """The checkpoint to resume from and the reasons any newer candidate was passed over."""
-        return self.run_dir.find_resumable(path)
+        """The checkpoint to resume from and the reasons any candidate was passed over."""
+        found, skipped, _ = self.run_dir.find_resumable(path)
+        return found, skipped
 
     def load(self, directory: Path) -> dict:
         """Restore every registered state from a checkpoint, then reconcile the lists with the disk.
@@ -357,6 +416,4 @@ class Checkpointer:
 
 
 def _what_is_intact(dest: Path) -> str:
-    if dest.name == LAST:  # a save of `last` writes over `previous` (files.temporary_dir)
-        return f"The earlier checkpoints and {INDEX} are intact, but for `previous`, which it was rewriting."
     return f"The earlier checkpoints and {INDEX} are intact."

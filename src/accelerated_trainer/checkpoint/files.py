@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import zlib
@@ -22,8 +23,22 @@ class CheckpointError(RuntimeError):
 
 def to_json(data: Any, indent: int | None = 2) -> str:
     """JSON text; `indent=None` is one line, from the json module's C encoder (indented text takes
-    its Python one: some ms for an RNG state of thousands of numbers)."""
-    return json.dumps(data, indent=indent, sort_keys=False) + "\n"
+    its Python one: some ms for an RNG state of thousands of numbers). JSON has no NaN or
+    infinity: they are written as the strings "nan", "inf" and "-inf"."""
+    try:
+        return json.dumps(data, indent=indent, allow_nan=False) + "\n"
+    except ValueError:
+        return json.dumps(_finite(data), indent=indent, allow_nan=False) + "\n"
+
+
+def _finite(data: Any) -> Any:
+    if isinstance(data, float) and not math.isfinite(data):
+        return str(data)
+    if isinstance(data, dict):
+        return {key: _finite(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite(value) for value in data]
+    return data
 
 
 def write_json(path: Path, data: Any, indent: int | None = 2) -> None:
@@ -98,29 +113,39 @@ def verify(directory: Path) -> str | None:
     return None
 
 
-def publish(tmp: Path, dest: Path, keep_previous: Path | None = None) -> None:
-    """Rename a sealed `tmp` to `dest`. The old `dest` goes to `keep_previous` (replacing the one
-    there) or is deleted, but only once the new directory is in place."""
+def publish(tmp: Path, dest: Path) -> None:
+    """Rename a sealed `tmp` to `dest`; the old `dest` is deleted once the new one is in place."""
     trash = dest.with_name(f".{dest.name}.trash")
-    retired = [trash, trash.with_name(trash.name + "-previous")]
-    _discard(retired)  # leftovers from a crash mid-cleanup
+    remove(trash)  # a leftover from a crash mid-cleanup
     if dest.exists():
-        if keep_previous is not None:
-            if keep_previous.exists():
-                keep_previous.rename(retired[1])
-            dest.rename(keep_previous)
-        else:
-            dest.rename(trash)
+        dest.rename(trash)
     tmp.rename(dest)
     _fsync(dest.parent)
-    _discard(retired)
+    remove(trash)
 
 
-def _discard(directories: list[Path]) -> None:
-    """Delete directories that publish set aside (no longer checkpoints: they are renamed out of the way)."""
-    for directory in directories:
-        if directory.exists():
-            shutil.rmtree(directory)
+def shift_in(tmp: Path, slots: list[Path], current: list[Path]) -> list[Path]:
+    """Publish a sealed `tmp` as slots[0], the checkpoints `current` (newest first) moving down to
+    slots[1:]; return the checkpoints now in the slots, newest first.
+
+    Every rename moves a complete checkpoint to a free name, the oldest first, so a crash between
+    two renames leaves each of them whole under some name (a resume takes the newest by step).
+    What held a slot without being one of `current` (a damaged checkpoint) and what no longer
+    fits are set aside first and deleted only once the new checkpoint is in place.
+    """
+    kept = [tmp, *current][:len(slots)]
+    aside = [slot for slot in slots if slot.exists() and slot not in kept]
+    trash = [directory.with_name(f".{directory.name}.trash") for directory in aside]
+    for directory, bin_ in zip(aside, trash):
+        remove(bin_)
+        directory.rename(bin_)
+    for source, slot in reversed(list(zip(kept, slots))):
+        if source != slot:
+            source.rename(slot)
+    _fsync(slots[0].parent)
+    for directory in trash:
+        remove(directory)
+    return slots[:len(kept)]
 
 
 def remove(directory: Path) -> None:

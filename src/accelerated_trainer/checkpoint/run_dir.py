@@ -6,14 +6,20 @@ use, clearing an earlier run, and what changed since a checkpoint was written.
         metrics.jsonl        every logged metric
         checkpoints.json     index of the kept checkpoints (paths relative to the run directory)
         last/                full state: model, optimizer, scheduler, RNG per process, training state
-        previous/            the full state before `last`, the fallback (recycled by the next save)
+        previous/            the full state before `last`: the fallback
+        older/               the full state before `previous`, rewritten by the next save of `last`
         best/                weights of the best evaluation so far
         top/epoch003-step000120/   weights of each top-k evaluation
 """
 
 from __future__ import annotations
 
+import errno
+import json
+import os
 import shutil
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +27,13 @@ from ..config import ConfigError
 from . import files
 from .top_k import Entry
 
-LAST, PREVIOUS, BEST, TOP = "last", "previous", "best", "top"
+LAST, PREVIOUS, OLDER, BEST, TOP = "last", "previous", "older", "best", "top"
+# The full states, newest first. A save of `last` writes into a slot other than the two newest
+# complete ones, so a save in flight, a failed one or a crash leaves two complete states.
+SLOTS = (LAST, PREVIOUS, OLDER)
 INDEX = "checkpoints.json"
 # What a fresh run with overwrite removes: the earlier run's checkpoints and what it logged.
-EARLIER_RUN = (LAST, PREVIOUS, BEST, TOP, INDEX, "metrics.jsonl", "wandb", "tensorboard")
+EARLIER_RUN = (*SLOTS, BEST, TOP, INDEX, "metrics.jsonl", "wandb", "tensorboard")
 
 
 class RunDir:
@@ -46,7 +55,8 @@ class RunDir:
         return dest.with_name(f".{dest.name}.tmp")
 
     def has_checkpoints(self) -> bool:
-        return any((self.path / name).exists() for name in (LAST, PREVIOUS, BEST, TOP, INDEX))
+        names = (*SLOTS, BEST, TOP, INDEX)
+        return any((self.path / name).exists() for name in names) or files.verify(self.temporary(self.path / LAST)) is None
 
     def fresh_start_overwrites(self, resume, overwrite: bool) -> bool:
         """Whether this run starts afresh over an earlier run's checkpoints, which it must delete
@@ -79,7 +89,7 @@ class RunDir:
         """Delete an earlier run's checkpoints and logs (a fresh run with overwrite, main process only)."""
         for name in EARLIER_RUN:
             path = self.path / name
-            if name in (LAST, PREVIOUS, BEST):
+            if name in (*SLOTS, BEST):
                 files.remove(path)
             elif path.is_dir():
                 shutil.rmtree(path)
@@ -90,21 +100,44 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         files.atomic_write_json(self.path / INDEX, index)
 
-    def find_resumable(self, path: Path | None = None) -> tuple[Path | None, list[str]]:
-        """The checkpoint to resume from and the reasons any candidate was passed over.
+    def find_resumable(self, path: Path | None = None) -> tuple[Path | None, list[str], list[str]]:
+        """The checkpoint to resume from, the reasons any candidate was passed over, and the slots
+        that hold complete checkpoints (newest first; with `path`, only that one is looked at).
 
-        With no path: the newest of `last` and `previous` whose manifest verifies.
+        With no path: the newest by step of `last`, `previous` and `older` whose manifest
+        verifies; on equal steps the first of them.
         """
-        candidates = [Path(path)] if path else [self.path / LAST, self.path / PREVIOUS]
+        if path is not None:
+            reason = files.verify(Path(path)) if Path(path).exists() else None
+            found = Path(path) if Path(path).exists() and reason is None else None
+            return found, [reason] if reason else [], []
         usable, skipped = [], []
-        for candidate in candidates:
-            if not candidate.exists():
+        for order, name in enumerate(SLOTS):
+            if not (self.path / name).exists():
                 continue
-            if reason := files.verify(candidate):
+            if reason := files.verify(self.path / name):
                 skipped.append(reason)
                 continue
-            usable.append((files.read_json(candidate / "state.json")["step"], candidate))
-        return (max(usable)[1] if usable else None), skipped
+            usable.append((-self.step_of(self.path / name), order, name))
+        good = [name for _, _, name in sorted(usable)]
+        return (self.path / good[0] if good else None), skipped, good
+
+    @staticmethod
+    def step_of(checkpoint: Path) -> int:
+        return files.read_json(checkpoint / "state.json")["step"]
+
+    def recover_interrupted_save(self) -> str | None:
+        """Complete a save of `last` that a crash cut short after its seal: a complete `.last.tmp`
+        newer than every slot becomes `last` (the slots move down). Returns what it did, or None."""
+        tmp = self.temporary(self.path / LAST)
+        if not tmp.is_dir() or files.verify(tmp) is not None:
+            return None
+        _, _, good = self.find_resumable()
+        step = self.step_of(tmp)
+        if good and self.step_of(self.path / good[0]) >= step:
+            return None
+        files.shift_in(tmp, [self.path / name for name in SLOTS], [self.path / name for name in good])
+        return f"resume: completed the save of step {step} that was interrupted after it was written; it is now {LAST}."
 
     def verified_entries(self) -> tuple[list[Entry], Entry | None]:
         """The top-k entries and the best entry whose directories verify, from their meta.json."""
@@ -118,6 +151,69 @@ class RunDir:
             meta = files.read_json(self.path / BEST / "meta.json")
             best = Entry(BEST, meta["epoch"], meta["step"], meta["value"])
         return list(found.values()), best
+
+
+class RunLock:
+    """One live run per run directory: an exclusive flock on {run_dir}/.lock.json, taken by the main
+    process before anything in the directory changes and held until the run ends.
+
+    The kernel releases the lock when its holder dies, however it dies, so a killed run leaves
+    no lock to clean up: the next run takes it and says whose it was (the holder writes its
+    host, pid and start time into the file). Across nodes this relies on the shared file
+    system's locks (NFSv4, Lustre mounted with -o flock, GPFS, BeeGFS and CephFS have them); one
+    without them is reported and the run goes on unlocked.
+    """
+
+    def __init__(self, run_dir: RunDir):
+        self.path = run_dir.path / ".lock.json"
+        self._fd: int | None = None
+
+    def acquire(self) -> str | None:
+        """Take the lock; a message when it took over from a run that died, else None.
+
+        Raises:
+            ConfigError: a live run holds the directory (its host, pid and start time named).
+        """
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise ConfigError(
+                f"run directory {self.path.parent} is in use by a run that is still going: {holder}. Wait for it to "
+                "end, stop it, or choose another experiment_options.title.") from None
+        except OSError as err:
+            os.close(fd)
+            if err.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                return (f"warning: the file system of {self.path.parent} does not support file locks ({err.strerror}): "
+                        "nothing stops a second run from using this run directory at the same time.")
+            raise
+        earlier = _read_holder(fd) if os.fstat(fd).st_size else None
+        os.ftruncate(fd, 0)
+        started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+        os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": started}).encode(), 0)
+        os.fsync(fd)
+        self._fd = fd
+        return f"run directory: took over the lock of a run that ended without releasing it ({earlier})." if earlier else None
+
+    def release(self) -> None:
+        """Give the lock up (an empty file: the next run knows this one ended cleanly)."""
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            os.close(self._fd)  # closing the file releases the flock
+            self._fd = None
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        return f"host {holder['host']}, pid {holder['pid']}, started {holder['started']}"
+    except (ValueError, KeyError):
+        return "a run that left no details"
 
 
 # Settings whose change between a checkpoint and its resume changes what "the next batch" means.

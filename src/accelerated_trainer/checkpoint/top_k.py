@@ -17,6 +17,10 @@ class Entry:
     step: int
     value: float | None = None
 
+    def __post_init__(self):
+        if isinstance(self.value, str):  # "nan", "inf", "-inf": how JSON files hold them
+            self.value = float(self.value)
+
 
 def select_top_k(kept: list[Entry], candidate: Entry, k: int, mode: Literal["min", "max"]) -> tuple[list[Entry], list[Entry]]:
     """The top-k decision: (new kept list best first, evicted entries).
