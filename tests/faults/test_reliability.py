@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
@@ -205,7 +204,7 @@ def test_a_second_run_in_a_live_runs_directory_is_refused_and_a_dead_runs_lock_i
         first.communicate()
     resumed = run("train.py", tmp_path, "training_options.n_epochs=2", "experiment_options.resume=true")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"took over the lock of a run that ended without releasing it (host" in resumed.stdout
+    assert "took over the lock of a run that ended without releasing it (host" in resumed.stdout
     assert f"pid {first.pid}" in resumed.stdout
 
 
