@@ -14,8 +14,8 @@ from .checkpointer import Checkpointer
 from .files import CheckpointError
 from .run_dir import INDEX, RunDir, RunSignature
 from .states import ModelState, Stateful
-from .store import WEIGHTS
+from .store import WEIGHTS, load_weights_dir
 from .top_k import Entry, select_top_k
 
 __all__ = ["INDEX", "WEIGHTS", "CheckpointError", "Checkpointer", "Entry", "ModelState", "RunDir", "RunSignature",
-           "Stateful", "select_top_k"]
+           "Stateful", "load_weights_dir", "select_top_k"]
