@@ -22,6 +22,9 @@ import torch
 from .early_stopping import Stop
 
 
+OUT_OF_TIME = "max_time_s reached"
+
+
 class StopRequest:
     """Collects stop requests (signals, the time budget) and agrees on them across processes."""
 
@@ -52,13 +55,13 @@ class StopRequest:
         if self.received:
             return f"preempted by {self.received}"
         if self.deadline is not None and time.monotonic() >= self.deadline:
-            return "max_time_s reached"
+            return OUT_OF_TIME
         return None
 
     def should_stop(self) -> Stop | None:
         """The agreed Stop (preempted), or None. Call once per optimizer step on every process."""
         reason = self._agreed_reason()
-        return None if reason is None else Stop(reason, preempted=True)
+        return None if reason is None else Stop(reason, preempted=True, by_signal=reason != OUT_OF_TIME)
 
     def _agreed_reason(self) -> str | None:
         if self.accelerator.num_processes == 1:
@@ -81,7 +84,7 @@ class StopRequest:
         if code == 0:
             return None
         if code == 1:
-            return "max_time_s reached"
+            return OUT_OF_TIME
         return f"preempted by {self.received}" if self.received else "preempted by a signal another process received"
 
     def _code(self) -> int:
