@@ -253,4 +253,7 @@ def summary(result, seconds: float, kept) -> str:
         f"  last checkpoint {result.last_checkpoint}",
         f"  top-k           {', '.join(e.path for e in kept) or '-'}",
     ]
+    if getattr(result, "test_metrics", None):  # scored with the weights the model holds (best with restore_best)
+        scores = ", ".join(f"{name} {value:.6g}" for name, value in result.test_metrics.items())
+        lines.append(f"  test ({result.weights} weights) {scores}")
     return "\n".join(lines)
