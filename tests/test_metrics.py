@@ -158,3 +158,18 @@ def test_configured_metrics_get_one_row_per_scored_position():
     metrics.update(torch.tensor([1.0, 1.0]), logits, torch.tensor([[1, 1, 0], [2, -100, 3]]))
     assert metrics.compute()["val_seen"] == 0.0
     assert shapes == [((5, 4), [1, 1, 0, 2, 3])], "positions flattened, the ignored one dropped"
+
+
+def test_a_run_without_configured_metrics_never_imports_torchmetrics(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    code = ("import json, sys; sys.path.insert(0, 'tests'); from conftest import digits_config\n"
+            "from accelerated_trainer import AcceleratedTrainer\n"
+            f"AcceleratedTrainer(None, digits_config({str(tmp_path)!r}, training_options={{'n_epochs': 1}})).train()\n"
+            "print('torchmetrics' in sys.modules)")
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert completed.stdout.strip().endswith("False")
