@@ -99,3 +99,44 @@ def test_mode_follows_the_monitored_metric(tmp_path, monitor, mode):
     config = digits_config(tmp_path, training_options={"monitor": monitor})
     config["training_options"].pop("mode", None)
     assert load_config(config).training_options.mode == mode
+
+
+def test_configured_metrics_can_be_monitored(tmp_path):
+    config = digits_config(tmp_path, training_options={
+        "monitor": "val_f1", "metrics": {"f1": {"name": "F1Score", "kwargs": {"average": "macro"}}, "auroc": "AUROC"}})
+    config["training_options"].pop("mode", None)
+    options = load_config(config).training_options
+    assert options.monitor == "val_f1" and options.metrics["auroc"].name == "AUROC"
+    assert options.mode is None, "the metric's own higher_is_better decides, once it is built"
+    assert load_config(config, metrics=["top5"]).training_options.metrics.keys() == {"f1", "auroc"}
+    config["training_options"]["monitor"] = "val_top5"
+    with pytest.raises(ConfigError, match="training_options.monitor.*val_f1"):
+        load_config(config)
+    assert load_config(config, metrics=["top5"]).training_options.monitor == "val_top5"  # a metric given to the Python API
+
+
+@pytest.mark.parametrize("metrics, fragment", [
+    ({"accuracy": "Accuracy"}, "val_accuracy"),  # the built-in one already has that name
+    ({"f 1": "F1Score"}, "letters, digits and underscores"),
+    ({"f1": {"name": "F1Score", "kwarg": {}}}, "training_options.metrics.f1.kwarg"),
+])
+def test_invalid_metrics_name_the_path(tmp_path, metrics, fragment):
+    with pytest.raises(ConfigError, match="training_options.metrics") as err:
+        load_config(digits_config(tmp_path, training_options={"metrics": metrics}))
+    assert fragment in str(err.value)
+
+
+def test_restore_best_defaults_to_true(tmp_path):
+    assert load_config(digits_config(tmp_path)).training_options.restore_best is True
+
+
+def test_config_errors_about_metrics_import_neither_torch_nor_torchmetrics(tmp_path):
+    import subprocess
+    import sys
+
+    config = digits_config(tmp_path, training_options={"metrics": {"f1": "F1Score"}, "monitor": "val_f2"})
+    code = ("import json, sys; from accelerated_trainer.config import ConfigError, load_config\n"
+            f"try:\n    load_config(json.loads({json.dumps(json.dumps(config))}))\nexcept ConfigError as err:\n    print(err)\n"
+            "print(sorted(m for m in ('torch', 'torchmetrics') if m in sys.modules))")
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert "val_f2" in completed.stdout and completed.stdout.strip().endswith("[]"), completed.stdout + completed.stderr

@@ -1,6 +1,8 @@
 """End-to-end training through the Python API on the shipped digits data."""
 
 import json
+import os
+import signal
 
 import datasets
 import pytest
@@ -75,7 +77,8 @@ class OwnLoss(nn.Module):
 def test_uses_the_loss_the_model_returns(tmp_path):
     model = OwnLoss()
     trainer = AcceleratedTrainer(model, digits_config(tmp_path, training_options={"n_epochs": 1}))
-    trainer.train()
+    with pytest.warns(UserWarning, match="CrossEntropyLoss.*not used"):  # digits.json names a loss the model overrides
+        trainer.train()
     assert model.calls_with_labels > 0
     validation = datasets.Dataset.from_parquet(str(DIGITS / "validation.parquet")).with_format("torch")[:]
     with torch.no_grad():
@@ -303,3 +306,100 @@ def test_token_throughput_is_logged_for_token_inputs(tmp_path):
     AcceleratedTrainer(CountsTokens(), config, train_dataset=train).train()
     rows = [row for row in metric_rows(tmp_path / "digits-mlp") if "train_loss" in row]
     assert rows and all(row["tokens_per_s"] == pytest.approx(row["samples_per_s"] * 16) for row in rows)
+
+
+# ---------------------------------------------------------------- the end of a run
+
+
+def falling_metric():
+    """A metric whose first evaluation is its best (mode max): best/ is then the first evaluation's weights."""
+    values = iter(range(100, 0, -1))
+    metric = lambda outputs, labels: float(next(values))  # noqa: E731
+    metric.higher_is_better = True
+    return {"first": metric}
+
+
+def module_weights(trainer):
+    return {name: tensor.detach().clone() for name, tensor in trainer.accelerator.unwrap_model(trainer.model).state_dict().items()}
+
+
+def test_after_train_the_model_holds_the_best_weights(tmp_path):
+    config = digits_config(tmp_path, training_options={"n_epochs": 3, "monitor": "val_first"})
+    config["training_options"].pop("mode", None)
+    trainer = AcceleratedTrainer(None, config, metrics=falling_metric())
+    result = trainer.train()
+    index = json.loads((result.run_dir / "checkpoints.json").read_text())
+    assert index["best"]["step"] == 23 and index["last"]["step"] == 69
+    assert result.weights == "best"
+    held, best, last = module_weights(trainer), weights(result.run_dir, "best"), weights(result.run_dir, "last")
+    assert all(torch.equal(held[name], best[name]) for name in best)
+    assert not all(torch.equal(held[name], last[name]) for name in last)
+
+
+def test_restore_best_false_keeps_the_last_weights(tmp_path):
+    config = digits_config(tmp_path, training_options={"n_epochs": 2, "monitor": "val_first", "restore_best": False})
+    config["training_options"].pop("mode", None)
+    trainer = AcceleratedTrainer(None, config, metrics=falling_metric())
+    result = trainer.train()
+    assert result.weights == "last"
+    held, last = module_weights(trainer), weights(result.run_dir, "last")
+    assert all(torch.equal(held[name], last[name]) for name in last)
+
+
+def test_a_max_steps_run_evaluates_its_final_weights(tmp_path):
+    # 23 steps per epoch: max_steps=30 ends 7 steps into the second epoch, 10 ends the first one early.
+    result = AcceleratedTrainer(None, digits_config(tmp_path, training_options={"n_epochs": 5, "max_steps": 30})).train()
+    rows = metric_rows(result.run_dir)
+    assert [row["step"] for row in rows if "val_accuracy" in row] == [23, 30]
+    index = json.loads((result.run_dir / "checkpoints.json").read_text())
+    assert 30 in [entry["step"] for entry in index["top_k"]] and index["last"]["step"] == 30
+    config = digits_config(tmp_path, training_options={"max_steps": 10}, experiment_options={"title": "short"})
+    short = AcceleratedTrainer(None, config).train()
+    assert short.best_checkpoint == short.run_dir / "best" and short.best_metric is not None
+    assert json.loads((short.run_dir / "best" / "meta.json").read_text())["step"] == 10
+
+
+def test_step_cadence_evaluates_the_final_step_too(tmp_path):
+    config = digits_config(tmp_path, training_options={"n_epochs": 1, "eval_every_n_steps": 10})
+    result = AcceleratedTrainer(None, config).train()
+    assert [row["step"] for row in metric_rows(result.run_dir) if "val_loss" in row] == [10, 20, 23]
+
+
+def test_a_stop_on_an_epochs_last_batch_counts_that_epoch(tmp_path):
+    # Evaluations at steps 23 and 46, the last batches of epochs 1 and 2: the second one stops.
+    config = digits_config(tmp_path, training_options={
+        "n_epochs": 10, "eval_every_n_steps": 23, "monitor": "val_loss", "early_stopping": {"patience": 1, "min_delta": 100.0}})
+    result = AcceleratedTrainer(None, config).train()
+    assert result.steps == 46 and result.epochs == 2, result
+    index = json.loads((result.run_dir / "checkpoints.json").read_text())
+    assert index["last"]["epoch"] == 2 and sorted(entry["epoch"] for entry in index["top_k"]) == [1, 2]
+    ended = AcceleratedTrainer(None, digits_config(tmp_path, training_options={"max_steps": 23},
+                                                   experiment_options={"title": "one-epoch"})).train()
+    assert ended.epochs == 1 and ended.steps == 23
+
+
+def test_a_resumed_early_stopped_run_stops_at_once(tmp_path):
+    options = {"n_epochs": 20, "monitor": "val_loss", "early_stopping": {"patience": 2, "min_delta": 100.0}}
+    first = AcceleratedTrainer(None, digits_config(tmp_path, training_options=options)).train()
+    assert first.epochs == 3 and "in 2 evaluations" in first.stop_reason
+    resumed = AcceleratedTrainer(None, digits_config(tmp_path, training_options=options,
+                                                     experiment_options={"resume": True})).train()
+    assert resumed.steps == first.steps and resumed.epochs == 3
+    assert "early stopping" in resumed.stop_reason and "in 2 evaluations" in resumed.stop_reason
+    assert sum("val_loss" in row for row in metric_rows(first.run_dir)) == 3, "no evaluation after the resume"
+
+
+def test_max_time_s_evaluates_the_final_weights_and_a_signal_does_not(tmp_path):
+    config = digits_config(tmp_path, training_options={"n_epochs": 50, "max_time_s": 0.5}, experiment_options={"title": "timed"})
+    timed = AcceleratedTrainer(None, config).train()
+    assert timed.preempted and timed.weights == "last", "a run to be resumed keeps its final weights"
+    assert [row["step"] for row in metric_rows(timed.run_dir) if "val_loss" in row][-1] == timed.steps
+
+    trainer = AcceleratedTrainer(None, digits_config(tmp_path, training_options={"n_epochs": 50},
+                                                     experiment_options={"title": "signalled"}))
+    # Delivered during step 31's forward: the run stops after that step, in the signal's grace time.
+    trainer.model.register_forward_pre_hook(
+        lambda module, args: os.kill(os.getpid(), signal.SIGUSR1) if trainer.state.step == 30 and module.training else None)
+    signalled = trainer.train()
+    assert signalled.preempted and "SIGUSR1" in signalled.stop_reason and signalled.steps == 31
+    assert [row["step"] for row in metric_rows(signalled.run_dir) if "val_loss" in row] == [23]

@@ -17,6 +17,7 @@ class Stop:
     reason: str  # for people: "completed 10 epochs", "preempted by SIGTERM", ...
     preempted: bool = False  # a signal, Ctrl-C or max_time_s: `last` is saved and the run can be resumed
     interrupted: bool = False  # Ctrl-C (SIGINT)
+    by_signal: bool = False  # a signal (a scheduler's, Ctrl-C): its grace time is for saving, not for evaluating
 
 
 @dataclass
@@ -49,10 +50,16 @@ class EarlyStopping:
             self.evaluations_without_improvement = 0
             return False, None
         self.evaluations_without_improvement += 1
-        if self.evaluations_without_improvement >= self.patience:
-            best = "none yet" if self.best is None else f"{self.best:.6g}"
-            return True, f"early stopping: no improvement of more than {self.min_delta} over the best ({best}) in {self.patience} evaluations"
-        return False, None
+        reason = self.reason_to_stop()
+        return reason is not None, reason
+
+    def reason_to_stop(self) -> str | None:
+        """Why the evaluations so far call for a stop (patience used up), or None; also after a resume."""
+        if self.evaluations_without_improvement < self.patience:
+            return None
+        best = "none yet" if self.best is None else f"{self.best:.6g}"
+        return (f"early stopping: no improvement of more than {self.min_delta} over the best ({best}) in "
+                f"{self.evaluations_without_improvement} evaluations")
 
     def state_dict(self) -> dict:
         return asdict(self)

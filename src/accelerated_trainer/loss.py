@@ -1,5 +1,6 @@
-"""Losses: the configured torch.nn loss, and BatchLoss, which calls the model on a batch and
-turns its output into per-sample losses and predictions.
+"""Losses: the configured loss (a torch.nn loss, or a class or function by import path), and
+BatchLoss, which calls the model on a batch and turns its output into per-sample losses and
+predictions.
 
 A model that fails, or whose output does not fit the loss, raises ModelError with a message
 that names the call, the batch's shapes and what the loss expects.
@@ -7,36 +8,99 @@ that names the call, the batch's shapes and what the loss expects.
 
 from __future__ import annotations
 
+import copy
+import functools
 import inspect
-from typing import Any
+import warnings
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from .config import ConfigError, LossOptions
+from .imports import import_object
 
 IGNORE_INDEX = -100  # CrossEntropyLoss's default ignore_index, also used by HF models: a target to skip
 DEFAULT_LOSS = {"classification": "CrossEntropyLoss", "regression": "MSELoss", "language_modeling": "CrossEntropyLoss"}
 
 
-def build_loss(options: LossOptions | None, task: str) -> nn.Module:
-    """The configured torch.nn loss with per-sample reduction ('none'); the trainer takes the mean.
+def build_loss(options: LossOptions | None, task: str) -> Callable:
+    """The configured loss, computing one value per element (reduction 'none'); the trainer takes the mean.
 
-    Per-sample values let validation average over exactly the gathered samples.
+    `options.name` is a torch.nn loss class or the import path of a loss class or function
+    `(outputs, labels) -> loss`. A list given for a tensor argument (weight, pos_weight) becomes
+    a float tensor. Per-sample values let validation average over exactly the gathered samples;
+    a loss that takes no `reduction` may return its batch mean instead.
+
+    Raises:
+        ConfigError: the name is no loss, or the kwargs do not fit it.
     """
     options = options or LossOptions(name=DEFAULT_LOSS[task])
-    cls = getattr(nn, options.name, None)
-    if not (inspect.isclass(cls) and issubclass(cls, nn.modules.loss._Loss)):
-        raise ConfigError(
-            f"training_options.loss_function.name: {options.name!r} is not a torch.nn loss "
-            "(e.g. CrossEntropyLoss, MSELoss, L1Loss, SmoothL1Loss, BCEWithLogitsLoss)."
-        )
+    target = _loss_target(options.name)
     if "reduction" in options.kwargs:
         raise ConfigError("training_options.loss_function.kwargs: leave out 'reduction'; the trainer averages per-sample losses.")
+    parameters = _parameters(target)
+    kwargs = {name: _as_tensor(value) if _takes_tensor(parameters.get(name)) else value for name, value in options.kwargs.items()}
+    if "reduction" in parameters:
+        kwargs["reduction"] = "none"
     try:
-        return cls(reduction="none", **options.kwargs)
-    except TypeError as err:
+        if inspect.isclass(target):
+            return target(**kwargs)
+        inspect.signature(target).bind_partial(**kwargs)
+        return functools.partial(target, **kwargs) if kwargs else target
+    except (TypeError, ValueError) as err:
         raise ConfigError(f"training_options.loss_function.kwargs do not fit {options.name}: {err}.") from None
+
+
+def as_per_sample(loss_fn: Callable) -> Callable:
+    """A loss given to the Python API, with a torch.nn loss's reduction set to 'none' (on a copy)."""
+    if isinstance(loss_fn, nn.modules.loss._Loss) and loss_fn.reduction != "none":
+        loss_fn = copy.copy(loss_fn)
+        loss_fn.reduction = "none"
+    return loss_fn
+
+
+def binary_threshold(loss_fn: Callable) -> float | None:
+    """For a one-output binary loss, the output above which the prediction is class 1: 0 for
+    logits (BCEWithLogitsLoss), 0.5 for probabilities (BCELoss); None for any other loss."""
+    target = getattr(loss_fn, "func", loss_fn)  # a function loss with kwargs is a functools.partial
+    if isinstance(target, nn.BCEWithLogitsLoss) or target is nn.functional.binary_cross_entropy_with_logits:
+        return 0.0
+    if isinstance(target, nn.BCELoss) or target is nn.functional.binary_cross_entropy:
+        return 0.5
+    return None
+
+
+def _loss_target(name: str) -> Any:
+    if ":" in name:
+        target = import_object(name, "training_options.loss_function.name")
+        if not callable(target):
+            raise ConfigError(f"training_options.loss_function.name: {name!r} is neither a loss class nor a function.")
+        return target
+    cls = getattr(nn, name, None)
+    if not (inspect.isclass(cls) and issubclass(cls, nn.modules.loss._Loss)):
+        raise ConfigError(
+            f"training_options.loss_function.name: {name!r} is not a torch.nn loss "
+            "(e.g. CrossEntropyLoss, MSELoss, L1Loss, SmoothL1Loss, BCEWithLogitsLoss), nor an import path "
+            "package.module:attribute of a loss class or function."
+        )
+    return cls
+
+
+def _parameters(target: Any) -> dict[str, inspect.Parameter]:
+    try:
+        return dict(inspect.signature(target).parameters)
+    except (TypeError, ValueError):  # some builtins have no signature
+        return {}
+
+
+def _takes_tensor(parameter: inspect.Parameter | None) -> bool:
+    # Annotations may be strings (postponed evaluation): look for the name either way.
+    return parameter is not None and "Tensor" in str(parameter.annotation)
+
+
+def _as_tensor(value: Any) -> Any:
+    return torch.tensor(value, dtype=torch.float32) if isinstance(value, (list, tuple)) else value
 
 
 def per_sample(loss: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -64,15 +128,21 @@ class BatchLoss:
     attention_mask, ...) is a keyword argument; `labels` too when `pass_labels` and the batch
     has them. A model that returns its own loss (HF ModelOutput.loss or a dict with "loss")
     keeps it; otherwise `loss_fn` (elementwise, reduction="none") compares its predictions
-    with the labels.
+    with the labels. `ignored_loss` names a configured loss, warned about once if the model's
+    own loss makes it unused. With a one-output binary loss (binary_threshold), outputs of
+    shape (batch,) or (batch, 1) meet the labels as floats.
     """
 
-    def __init__(self, model: torch.nn.Module, loss_fn: torch.nn.Module, *, pass_labels: bool, task: str, label_column: str):
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable | None, *, pass_labels: bool, task: str, label_column: str,
+                 ignored_loss: str | None = None):
         self.model = model  # the prepared model: the trainer's `model`
         self.loss_fn = loss_fn
         self.pass_labels = pass_labels
         self.task = task
         self.label_column = label_column  # for messages
+        self.ignored_loss = ignored_loss
+        self.binary = task == "classification" and binary_threshold(loss_fn) is not None
+        self.one_value_per_label = self.binary or task == "regression"
 
     # Named methods, not __call__: calling an instance with keywords packs them into a new dict
     # and tuple on every training step (about 0.25 us on Python 3.11); a method call does not.
@@ -109,9 +179,13 @@ class BatchLoss:
         """The loss of a forward's output against the batch's labels (see compute)."""
         labels = batch["labels"]
         if model_loss is not None:
+            if self.ignored_loss is not None:
+                self._warn_ignored()
             return per_sample(model_loss, labels.shape[0]) if per_sample_losses else model_loss
-        if self.task == "regression" and predictions.numel() == labels.numel():
+        if self.one_value_per_label and predictions.numel() == labels.numel():
             predictions = predictions.reshape(labels.shape)  # (B, 1) outputs against (B,) targets
+            if self.binary:
+                labels = labels.to(predictions.dtype)  # BCE compares class indices 0/1 as floats
         try:
             if predictions.ndim > 2 and predictions.ndim == labels.ndim + 1:
                 # One class distribution per position (B, T, C) against (B, T) targets.
@@ -121,6 +195,12 @@ class BatchLoss:
         except (RuntimeError, ValueError, IndexError) as err:
             raise self._loss_error(err, predictions, labels, batch) from err
         return per_sample(losses, labels.shape[0]) if per_sample_losses else losses
+
+    def _warn_ignored(self) -> None:
+        warnings.warn(f"{self.ignored_loss} is not used: the model returns its own loss "
+                      "(ModelOutput.loss or a dict with \"loss\") when it gets labels, and that one is trained on. Remove "
+                      "loss_function, or make the model return logits only.", UserWarning, stacklevel=3)
+        self.ignored_loss = None
 
     def _loss_error(self, err: Exception, predictions: torch.Tensor, labels: torch.Tensor, batch: dict[str, torch.Tensor]) -> ModelError:
         if self.task != "regression" and labels.dtype == torch.long and predictions.ndim >= 2:
@@ -133,7 +213,7 @@ class BatchLoss:
                     f"but the model outputs {outputs}; fix the labels or the model's output size."
                 )
         return ModelError(
-            f"{type(self.loss_fn).__name__} cannot compare the model output of shape {tuple(predictions.shape)} "
+            f"{_name(self.loss_fn)} cannot compare the model output of shape {tuple(predictions.shape)} "
             f"with labels of shape {tuple(labels.shape)} (batch: {_shapes(batch)}): {err}. "
             f"{EXPECTED_OUTPUT.get(self.task, EXPECTED_OUTPUT['classification'])}"
         )
@@ -145,6 +225,11 @@ def token_count(batch: dict[str, torch.Tensor]) -> int:
         return batch["input_ids"].numel()
     labels = batch["labels"]
     return labels.numel() if labels.ndim > 1 else 0
+
+
+def _name(loss_fn: Callable) -> str:
+    target = getattr(loss_fn, "func", loss_fn)
+    return getattr(target, "__name__", type(target).__name__)
 
 
 def _shapes(batch: dict[str, torch.Tensor]) -> str:

@@ -41,6 +41,9 @@ def hold(signals: list[str]) -> None:
             signal.signal(getattr(signal, name), lambda number, frame: _held.append(signal.Signals(number).name))
 
 
+OUT_OF_TIME = "max_time_s reached"
+
+
 class StopRequest:
     """Collects stop requests (signals, Ctrl-C, the time budget) and agrees on them across processes.
 
@@ -84,7 +87,7 @@ class StopRequest:
         if self.received:
             return f"preempted by {self.received}"
         if self.deadline is not None and time.monotonic() >= self.deadline:
-            return "max_time_s reached"
+            return OUT_OF_TIME
         return None
 
     def should_stop(self) -> Stop | None:
@@ -94,7 +97,7 @@ class StopRequest:
             return None
         from .early_stopping import Stop
 
-        return Stop(reason, preempted=True, interrupted=reason == INTERRUPTED)
+        return Stop(reason, preempted=True, interrupted=reason == INTERRUPTED, by_signal=reason != OUT_OF_TIME)
 
     def _agreed_reason(self) -> str | None:
         if self.accelerator.num_processes == 1:
@@ -118,7 +121,7 @@ class StopRequest:
         if code == 0:
             return None
         if code == 1:
-            return "max_time_s reached"
+            return OUT_OF_TIME
         return self._local_reason() if self.received else "preempted by a signal another process received"
 
     def _code(self) -> int:

@@ -381,6 +381,9 @@ def summary(result, seconds: float, kept) -> str:
         f"  last checkpoint {result.last_checkpoint or 'NOT SAVED'}",
         f"  top-k           {', '.join(e.path for e in kept) or '-'}",
     ]
+    if getattr(result, "test_metrics", None):  # scored with the weights the model holds (best with restore_best)
+        scores = ", ".join(f"{name} {value:.6g}" for name, value in result.test_metrics.items())
+        lines.append(f"  test ({result.weights} weights) {scores}")
     if result.preempted and not result.save_error:
         lines.append("  to go on, run the same command with --set experiment_options.resume=true")
     if result.save_error:

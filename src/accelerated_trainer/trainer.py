@@ -3,7 +3,8 @@
 The trainer owns no policy: when and what to checkpoint, what a failed write does and how to
 resume are the Checkpointer's (checkpoint/), when to stop early EarlyStopping's, when to log the
 TrainWindow's (metrics.py), the optimizer step and its non-finite policy OptimizerStep's
-(optim.py), stop requests from signals and time budgets StopRequest's (preemption.py). Device
+(optim.py), stop requests from signals and time budgets StopRequest's (preemption.py), scoring
+and predicting the Evaluator's (evaluation.py). Device
 placement, DDP/FSDP/DeepSpeed, mixed precision and gradient accumulation are accelerate's.
 """
 
@@ -14,18 +15,19 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Literal
 
 import torch
 
 from . import data
-from .checkpoint import Checkpointer, ModelState, RunSignature, files
+from .checkpoint import Checkpointer, ModelState, RunSignature, files, load_weights_dir
 from .checkpoint.states import MODEL, OPTIMIZER, TRAINER
 from .config import ConfigError, TrainerConfig, load_config
 from .distributed import build_accelerator
 from .early_stopping import EarlyStopping, Stop
-from .loss import BatchLoss, ModelError, build_loss
-from .metrics import TrainWindow, ValidationMetrics
+from .loss import BatchLoss, ModelError, as_per_sample, binary_threshold, build_loss
+from .evaluation import Evaluator
+from .metrics import TrainWindow, build_metrics
 from .models import build_model
 from .models import resolve as resolve_model
 from .optim import OptimizerStep, build_optimizer, steps_every_micro_batch
@@ -73,6 +75,8 @@ class TrainResult:
     preempted: bool = False  # stopped by a signal, Ctrl-C or max_time_s, with `last` saved: resume to go on
     interrupted: bool = False  # stopped by Ctrl-C (SIGINT)
     save_error: str | None = None  # on_save_error "continue": why the final state is not in `last`
+    weights: Literal["best", "last"] = "last"  # what the model holds now: best/'s weights (restore_best) or the final ones
+    test_metrics: dict[str, float] = field(default_factory=dict)  # the test split's, scored with `weights`; {} if none
 
 
 class NonFiniteLossError(RuntimeError):
@@ -91,18 +95,29 @@ class AcceleratedTrainer:
         train_dataset / eval_dataset: a datasets.Dataset (or dict of columns) overriding the
             config's data files.
         collate_fn: for the per-row path (dataset_options.vectorization false).
+        loss_fn: the loss instead of training_options.loss_function: a torch.nn loss (its
+            reduction is set to "none" on a copy) or a function (outputs, labels) -> loss, per
+            sample or the batch mean.
+        metrics: validation metrics beside the configured ones, by short name (reported as
+            val_<name>, and monitorable): torchmetrics Metric objects, or functions
+            (outputs, labels) -> float called once per evaluation with every row's outputs (a
+            function's `higher_is_better` attribute gives the monitor's mode).
     Raises:
         ConfigError: invalid config; DataError: data that does not fit it.
     """
 
     def __init__(self, model: torch.nn.Module | None, config, *, train_dataset=None, eval_dataset=None,
-                 collate_fn: Callable | None = None):
-        self.config: TrainerConfig = load_config(config)
+                 collate_fn: Callable | None = None, loss_fn: Callable | None = None, metrics: dict[str, Any] | None = None):
+        self.config: TrainerConfig = load_config(config, metrics=metrics or {})
         self.run_dir = self.config.run_dir
         self.accelerator = build_accelerator(self.config.training_options, self.config.experiment_options, self.run_dir)
         configure_console(self.accelerator.is_main_process, self.config.experiment_options.progress_bar)
         data_info, fingerprint = self._build_data(train_dataset, eval_dataset, collate_fn)
+        self._build_loss(loss_fn)
+        if self.binary_threshold is not None and "num_classes" in data_info:
+            data_info = {**data_info, "num_classes": 1}  # one output, the score of class 1
         self._build_model(model, data_info)
+        self._build_evaluator(metrics, data_info)
         self._build_components(fingerprint)
 
     # ------------------------------------------------------------ building, in order
@@ -114,7 +129,8 @@ class AcceleratedTrainer:
             splits = data.load_splits(opts, training.seed, train_dataset, eval_dataset)
         if splits.validation is None and training.early_stopping is not None:
             raise ConfigError("training_options.early_stopping needs validation data: set dataset_options.data_files.validation or validation_split.")
-        label_dtype = torch.float32 if training.task == "regression" else torch.long
+        label_dtype = self._label_dtype()
+        self._collate_fn, self._test_split = collate_fn, splits.test  # for evaluate(dataset), predict() and the test split
         # With one micro-batch per step the prepared DataLoader's bookkeeping buys nothing for one process.
         whole_steps = steps_every_micro_batch(self.accelerator)
         self.train_loader = data.build_loader(
@@ -127,6 +143,19 @@ class AcceleratedTrainer:
             seed=training.seed, train=False, num_processes=self.accelerator.num_processes, collate_fn=collate_fn)
         # datasets' content hash of the training split: a resume says when the data changed.
         return data.describe(splits.train, opts, training.task, validation=splits.validation), splits.train._fingerprint
+
+    def _label_dtype(self) -> torch.dtype:
+        return torch.float32 if self.config.training_options.task == "regression" else torch.long
+
+    def _build_loss(self, loss_fn: Callable | None) -> None:
+        training = self.config.training_options
+        self.loss_fn = as_per_sample(loss_fn) if loss_fn is not None else build_loss(training.loss_function, training.task)
+        # A loss someone chose (not the task's default), named for the warning when the model's own loss wins.
+        self._chosen_loss = ("the loss_fn given to the trainer" if loss_fn is not None else
+                             training.loss_function and f"training_options.loss_function {training.loss_function.name!r}")
+        if isinstance(self.loss_fn, torch.nn.Module):
+            self.loss_fn.to(self.accelerator.device)  # class weights are buffers
+        self.binary_threshold = binary_threshold(self.loss_fn) if training.task == "classification" else None
 
     def _build_model(self, model: torch.nn.Module | None, data_info: dict[str, int]) -> None:
         training = self.config.training_options
@@ -145,10 +174,20 @@ class AcceleratedTrainer:
         pass_labels = "labels" in inspect.signature(model.forward).parameters and self.config.dataset_options.text is None
         self.model, self.optimizer, self.train_loader, self.eval_loader = data.prepare(
             self.accelerator, model, build_optimizer(training.optimizer, model), self.train_loader, self.eval_loader)
-        self.batch_loss = BatchLoss(self.model, build_loss(training.loss_function, training.task), pass_labels=pass_labels,
-                                    task=training.task, label_column=self.config.dataset_options.label_column)
+        self.batch_loss = BatchLoss(self.model, self.loss_fn, pass_labels=pass_labels, task=training.task,
+                                    label_column=self.config.dataset_options.label_column, ignored_loss=self._chosen_loss)
         self.steps_per_epoch = -(-len(self.train_loader) // training.gradient_accumulation_steps)
         self._samples_per_micro_batch = self.config.dataset_options.batch_size * self.accelerator.num_processes
+
+    def _build_evaluator(self, given_metrics: dict[str, Any] | None, data_info: dict[str, int]) -> None:
+        training = self.config.training_options
+        metrics = build_metrics(training.metrics, given_metrics, task=training.task, num_classes=data_info.get("num_classes"),
+                                binary=self.binary_threshold is not None, device=self.accelerator.device)
+        if training.mode is None:  # a configured metric is monitored: its own direction decides
+            training.mode = metrics.mode_for(training.monitor)
+        self.evaluator = Evaluator(self.accelerator, self.batch_loss, metrics, self.config.dataset_options, task=training.task,
+                                   label_dtype=self._label_dtype(), seed=training.seed, collate_fn=self._collate_fn,
+                                   threshold=self.binary_threshold)
 
     def _build_components(self, fingerprint: str) -> None:
         training, experiment = self.config.training_options, self.config.experiment_options
@@ -166,8 +205,8 @@ class AcceleratedTrainer:
         self.early_stopping = stopping and EarlyStopping(training.mode, stopping.patience, stopping.min_delta, monitor=training.monitor)
         config = self.config.model_dump(mode="json")
         self.tracker = Tracker(self.accelerator, experiment, self.run_dir, config)
-        states = {MODEL: ModelState(self.accelerator, self.model), OPTIMIZER: self.optimizer, "scheduler": self.scheduler,
-                  TRAINER: self.state}
+        self.model_state = ModelState(self.accelerator, self.model)
+        states = {MODEL: self.model_state, OPTIMIZER: self.optimizer, "scheduler": self.scheduler, TRAINER: self.state}
         if (scaler := getattr(self.accelerator, "scaler", None)) is not None:
             states["scaler"] = scaler
         if self.early_stopping:
@@ -176,6 +215,9 @@ class AcceleratedTrainer:
         self.checkpointer = Checkpointer(self.run_dir, self.accelerator, self.config.checkpoint, states, signature=signature,
                                          guard=self._check_finite)
         self.last_metrics: dict[str, float] = {}
+        self._evaluated_step: int | None = None  # the step of the latest evaluation
+        # What samples_in_epoch reaches on an epoch's last micro-batch (counted in full batches).
+        self._samples_per_epoch = len(self.train_loader) * self._samples_per_micro_batch
 
     # ------------------------------------------------------------ the run
 
@@ -190,13 +232,15 @@ class AcceleratedTrainer:
         try:
             stop = self._run_epochs()
             self.checkpointer.finish(self.state.epoch, self.state.step)  # the run ends with its checkpoints on disk
+            weights = self._maybe_restore_best(stop)
+            test_metrics = self._maybe_score_test(stop)
         except BaseException as err:
             self._close_after_failure(err)
             raise
         finally:
             self.progress.close()
             self.stop_request.uninstall()
-        return self._finish(stop, time.perf_counter() - started)
+        return self._finish(stop, time.perf_counter() - started, weights, test_metrics)
 
     def _start_run(self) -> None:
         self.checkpointer.resume()
@@ -215,11 +259,17 @@ class AcceleratedTrainer:
     def _run_epochs(self) -> Stop:
         n_epochs = self.config.training_options.n_epochs
         stop = self._stop_before_start()
+        if stop is not None:
+            return stop
         while stop is None:
             stop = self._train_epoch()
             if stop is None and self.state.epoch >= n_epochs:
                 stop = Stop(f"completed {n_epochs} epochs")
         self.stop_request.drain()
+        # Weights no evaluation saw (max_steps, max_time_s, a step cadence) are scored before the
+        # final checkpoint, so best/ and the index account for them. Not in a signal's grace time.
+        if self.eval_loader is not None and self._evaluated_step != self.state.step and not stop.by_signal:
+            self._evaluate_and_checkpoint()
         return stop
 
     def _train_epoch(self) -> Stop | None:
@@ -230,6 +280,7 @@ class AcceleratedTrainer:
         done = self.state.samples_in_epoch // (self._samples_per_micro_batch * self.config.training_options.gradient_accumulation_steps)
         self.progress.start_epoch(self.state.epoch, self.steps_per_epoch, done)
         self.window.reset()
+        epoch = self.state.epoch
         for batch in self.train_loader:
             loss = self.optimizer_step.micro_batch(batch)
             rows = self.window.add(loss, batch)
@@ -238,15 +289,26 @@ class AcceleratedTrainer:
             self.state.samples_seen += rows * self.accelerator.num_processes
             if self.optimizer_step.completed and (stop := self._after_optimizer_step()):
                 return stop
-        # The epoch is done: validate (if not already on a step cadence), then save the full state.
-        self.state.epoch += 1
-        self.state.samples_in_epoch = 0
+        # The epoch is done (counted already if an evaluation ran on its last step): validate (if
+        # not already on a step cadence), then save the full state.
+        if self.state.epoch == epoch:
+            self._complete_epoch()
         stop = None
         if self.eval_loader is not None and not self.config.training_options.eval_every_n_steps:
             stop = self._evaluate_and_checkpoint()
         self.checkpointer.on_epoch_end(self.state.epoch, self.state.step)
         self.progress.end_epoch(**{k: v for k, v in self.last_metrics.items() if k == self.config.training_options.monitor})
         return stop
+
+    def _complete_epoch(self) -> None:
+        self.state.epoch += 1
+        self.state.samples_in_epoch = 0
+
+    def _count_epoch_if_done(self) -> None:
+        """Count the epoch on its last step already, when an evaluation or a stop at that step
+        would otherwise see (and record) one epoch fewer than completed."""
+        if self.state.samples_in_epoch >= self._samples_per_epoch:
+            self._complete_epoch()
 
     def _training_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The batch's mean loss: the mean of the per-sample losses, taken in one reduction."""
@@ -263,11 +325,15 @@ class AcceleratedTrainer:
             self._log_training()
         stop = None
         if training.eval_every_n_steps and step % training.eval_every_n_steps == 0 and self.eval_loader is not None:
+            self._count_epoch_if_done()
             stop = self._evaluate_and_checkpoint()
         self.checkpointer.on_step(self.state.epoch, step)
         if stop is None and training.max_steps and step >= training.max_steps:
             stop = Stop(f"reached max_steps={training.max_steps}")
-        return stop or self.stop_request.should_stop()
+        stop = stop or self.stop_request.should_stop()
+        if stop is not None:
+            self._count_epoch_if_done()
+        return stop
 
     # ------------------------------------------------------------ logging and validation
 
@@ -288,16 +354,35 @@ class AcceleratedTrainer:
         self.progress.show(loss=metrics["train_loss"], samples_per_s=metrics["samples_per_s"])
         self.window.reset()
 
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Validation metrics over the whole validation split, gathered from every process."""
-        self.model.eval()
-        metrics = ValidationMetrics(self.config.training_options.task, self.accelerator)
-        for batch in self.eval_loader:
-            sample_losses, predictions = self.batch_loss.compute(batch)
-            metrics.update(sample_losses, predictions, batch["labels"])
-        self.model.train()
-        return metrics.compute()
+    def evaluate(self, dataset=None, *, prefix: str = "val") -> dict[str, float]:
+        """The current model's metrics over `dataset`, or over the validation split.
+
+        Every process must call it; the values are gathered from all of them, each row once.
+
+        Args:
+            dataset: a datasets.Dataset, a dict of columns or a pyarrow Table with the config's
+                columns, labels included; transforms run as for the training data.
+            prefix: the metrics' names: {prefix}_loss, {prefix}_accuracy, ...
+        Raises:
+            ConfigError: no dataset given and no validation data. DataError: a dataset that does
+                not fit the config.
+        """
+        loader = self.eval_loader if dataset is None else self.evaluator.loader_for(dataset, "evaluate", labels=True)
+        if loader is None:
+            raise ConfigError("evaluate() has nothing to score: pass a dataset, evaluate(dataset), or give validation data "
+                              "(dataset_options.data_files.validation, dataset_options.validation_split or eval_dataset=).")
+        return self.evaluator.score(loader, prefix)
+
+    def predict(self, dataset) -> torch.Tensor:
+        """The model's outputs for every row of `dataset` (labels not needed), in its order, on the CPU.
+
+        Every process must call it; each gets all rows' outputs, gathered from every process
+        without the rows repeated to even out the last batch.
+
+        Raises:
+            DataError: a dataset that does not fit the config. ModelError: the model returns only a loss.
+        """
+        return self.evaluator.predict(self.evaluator.loader_for(dataset, "predict", labels=False))
 
     def _check_finite(self) -> None:
         """Stop policy for a NaN/inf loss: raise before a diverged model is evaluated or saved."""
@@ -319,6 +404,7 @@ class AcceleratedTrainer:
         monitor = self.config.training_options.monitor
         self._check_finite()
         self.last_metrics = self.evaluate()
+        self._evaluated_step = self.state.step
         self.checkpointer.on_evaluation(self.last_metrics, self.state.epoch, self.state.step)
         best = self.checkpointer.best
         self.tracker.log({**self.last_metrics, "epoch": self.state.epoch,
@@ -334,7 +420,31 @@ class AcceleratedTrainer:
             return Stop(f"completed {training.n_epochs} epochs (already done in the resumed checkpoint)")
         if training.max_steps and self.state.step >= training.max_steps:
             return Stop(f"reached max_steps={training.max_steps} (already done in the resumed checkpoint)")
+        if self.early_stopping and (reason := self.early_stopping.reason_to_stop()):
+            return Stop(f"{reason} (already done in the resumed checkpoint)")
         return None
+
+    def _maybe_restore_best(self, stop: Stop) -> Literal["best", "last"]:
+        """Load best/'s weights into the model (restore_best), unless the run is to be resumed; which weights it holds."""
+        best = self.checkpointer.best
+        if not self.config.training_options.restore_best or best is None or stop.preempted:
+            return "last"
+        if best.step != self.state.step:  # else the final weights are the best ones
+            load_weights_dir(self.run_dir / best.path, self.model_state)
+        return "best"
+
+    def _maybe_score_test(self, stop: Stop) -> dict[str, float]:
+        """Score the test split (dataset_options.data_files.test) with the weights the model holds; log it."""
+        split, label = self._test_split, self.config.dataset_options.label_column
+        if split is None or stop.preempted:  # a resumed run scores it when it ends
+            return {}
+        if label not in split.column_names:
+            say(self.accelerator, f"the test split has no label column {label!r}: not scored. Predict it with "
+                                  "trainer.predict(...) or python -m accelerated_trainer.predict.")
+            return {}
+        metrics = self.evaluator.score(self.evaluator.prepared(split, labels=True), prefix="test")
+        self.tracker.log(metrics, step=self.state.step)
+        return metrics
 
     def _close_after_failure(self, err: BaseException) -> None:
         # Let a save in flight finish, so the last good state is kept, and close the tracker so
@@ -345,17 +455,18 @@ class AcceleratedTrainer:
         except Exception:
             pass
 
-    def _finish(self, stop: Stop, seconds: float) -> TrainResult:
+    def _finish(self, stop: Stop, seconds: float, weights: Literal["best", "last"], test_metrics: dict[str, float]) -> TrainResult:
         best = self.checkpointer.best
         result = TrainResult(
             run_dir=self.run_dir, monitor=self.config.training_options.monitor,
             best_metric=best.value if best else None, best_checkpoint=best and self.run_dir / best.path,
             last_checkpoint=None if self.checkpointer.unsaved else self.run_dir / "last", epochs=self.state.epoch,
             steps=self.state.step, stop_reason=stop.reason, metrics=self.last_metrics, preempted=stop.preempted,
-            interrupted=stop.interrupted, save_error=self.checkpointer.unsaved,
+            interrupted=stop.interrupted, save_error=self.checkpointer.unsaved, weights=weights,
+            test_metrics=test_metrics,
         )
         self.tracker.finish({"stop_reason": stop.reason, f"best_{result.monitor}": result.best_metric,
-                             "steps": result.steps, "epochs": result.epochs, "seconds": seconds})
+                             "steps": result.steps, "epochs": result.epochs, "seconds": seconds, **test_metrics})
         say(self.accelerator, summary(result, seconds, self.checkpointer.kept))
         return result
 

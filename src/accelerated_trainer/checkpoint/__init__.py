@@ -18,7 +18,8 @@ from importlib import import_module
 
 _EXPORTS = {
     "Checkpointer": "checkpointer", "CheckpointError": "files", "INDEX": "run_dir", "RunDir": "run_dir",
-    "RunSignature": "run_dir", "ModelState": "states", "Stateful": "states", "WEIGHTS": "store", "Entry": "top_k",
+    "RunSignature": "run_dir", "ModelState": "states", "Stateful": "states", "WEIGHTS": "store", "load_weights_dir": "store",
+    "Entry": "top_k",
     "select_top_k": "top_k",
 }
 

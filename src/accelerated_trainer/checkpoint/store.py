@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from . import files, tensors
 from .async_writer import Staging
 from .files import CheckpointError
-from .states import MODEL, OPTIMIZER, RNG, TRAINER
+from .states import MODEL, OPTIMIZER, RNG, TRAINER, ModelState
 
 WEIGHTS = "model.safetensors"
 STATE = "state.json"
@@ -143,3 +143,21 @@ def write_weights_dir(dest: Path, weights: dict, meta: dict) -> None:
     files.write_json(tmp / "meta.json", meta)
     files.seal(tmp, checksums)
     files.publish(tmp, dest)
+
+
+def load_weights_dir(directory: Path, model: ModelState) -> None:
+    """Load the weights of a checkpoint directory (best/, top/..., last/) into the model.
+
+    The one reader of weights-only directories: restore_best and the predict command load
+    through it.
+
+    Raises:
+        CheckpointError: the directory holds no weights, or they do not fit the model.
+    """
+    path = Path(directory) / WEIGHTS
+    if not path.is_file():
+        raise CheckpointError(f"{directory} holds no {WEIGHTS}.")
+    try:
+        model.load_state_dict(load_file(str(path), device="cpu"))
+    except KeyError as err:
+        raise CheckpointError(f"{path} does not fit the model: {err.args[0]}.") from None

@@ -10,7 +10,7 @@ import difflib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Iterable, Literal, Union
 
 from pydantic import BaseModel, Field, ValidationError
 
@@ -62,13 +62,16 @@ class CheckpointOptions:
 # ---------------------------------------------------------------- loading and errors
 
 
-def load_config(source: Union[TrainerConfig, dict, str, Path], overrides: list[str] = ()) -> TrainerConfig:
+def load_config(source: Union[TrainerConfig, dict, str, Path], overrides: list[str] = (), *,
+                metrics: Iterable[str] = ()) -> TrainerConfig:
     """Build a validated config from a dict, a JSON/YAML file path, or a config object.
 
     Args:
         source: the config as a dict, a path to a .json/.yaml/.yml file, or a TrainerConfig.
         overrides: "dotted.path=value" strings applied on top; value is parsed as JSON
             when it parses, else taken as a string.
+        metrics: names of metrics given to the Python API, which training_options.monitor may
+            name (as val_<name>) beside the configured ones.
     Raises:
         ConfigError: the file is missing or unreadable, or a value is invalid.
     """
@@ -81,7 +84,7 @@ def load_config(source: Union[TrainerConfig, dict, str, Path], overrides: list[s
     for override in overrides:
         _apply_override(raw, override)
     try:
-        return TrainerConfig.model_validate(raw)
+        return TrainerConfig.model_validate(raw, context={"metrics": list(metrics)})
     except ValidationError as err:
         origin = None if isinstance(source, (dict, TrainerConfig)) else source
         raise ConfigError(_describe(err, raw, origin, list(overrides))) from None

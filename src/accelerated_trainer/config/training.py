@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
@@ -15,13 +16,25 @@ TASK_METRICS = {
     "language_modeling": ("val_loss", "val_accuracy", "val_perplexity"),
 }
 MAXIMIZED_METRICS = {"val_accuracy"}
+_METRIC_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 
 
 class LossOptions(_Named):
     name: str
-    """Any torch.nn loss class, e.g. CrossEntropyLoss, MSELoss, SmoothL1Loss."""
+    """A torch.nn loss class (CrossEntropyLoss, MSELoss, BCEWithLogitsLoss, ...), or the import
+    path package.module:attribute of a loss class or function (outputs, labels) -> loss."""
     kwargs: dict[str, Any] = Field(default_factory=dict)
-    """Keyword arguments for the loss, e.g. {"label_smoothing": 0.1}."""
+    """Keyword arguments for the loss, e.g. {"label_smoothing": 0.1}; a list given for a tensor
+    argument becomes a float tensor, e.g. {"weight": [1.0, 3.0]} or {"pos_weight": [2.0]}."""
+
+
+class MetricOptions(_Named):
+    name: str
+    """A torchmetrics class (F1Score, AUROC, Precision, MeanAbsoluteError, ...) or the import path
+    package.module:Class of a torchmetrics Metric."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments for the metric, e.g. {"average": "macro"}; task and num_classes are
+    filled in from the data when the class takes them and they are not given."""
 
 
 class OptimizerOptions(_Named):
@@ -88,10 +101,19 @@ class TrainingOptions(_Section):
     """Optimizer steps between training-loss logs (the only host syncs of the loss)."""
     save_every_n_steps: int | None = Field(None, ge=1)
     """Also write the resumable `last` checkpoint every N optimizer steps."""
+    metrics: dict[str, MetricOptions] = Field(default_factory=dict)
+    """Validation metrics beside the task's own: short name to a torchmetrics class, e.g.
+    {"f1": {"name": "F1Score", "kwargs": {"average": "macro"}}, "auroc": "AUROC"}. Reported as
+    val_<name> (test_<name> on the test split), over every validation row once."""
     monitor: str = "val_loss"
-    """Validation metric that ranks checkpoints and drives early stopping."""
+    """Validation metric that ranks checkpoints and drives early stopping: one of the task's
+    (val_loss, val_accuracy, ...) or val_<name> of a configured metric."""
     mode: Literal["min", "max"] | None = None
-    """Whether a lower or higher monitored value is better; default from the metric."""
+    """Whether a lower or higher monitored value is better; default from the metric (for a
+    configured metric its higher_is_better, read when the trainer builds it)."""
+    restore_best: bool = True
+    """At the end of training, load the best checkpoint's weights into the model (when there is
+    one), so that the model, evaluate(), predict() and the test split use them."""
     early_stopping: EarlyStoppingOptions | None = None
     """Stop when the monitored metric stops improving; an integer is the patience."""
     save_top_k: int = Field(3, ge=-1)
@@ -104,18 +126,39 @@ class TrainingOptions(_Section):
     """Wall-clock budget in seconds: when spent, finish the step, save `last` and exit as if
     preempted (exit code 99), so a scheduler can requeue the job and it resumes."""
 
+    @field_validator("metrics")
+    @classmethod
+    def _check_metric_names(cls, metrics: dict[str, MetricOptions], info: ValidationInfo) -> dict[str, MetricOptions]:
+        builtin = TASK_METRICS.get(info.data.get("task"), ())
+        for name in metrics:
+            if not _METRIC_NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not a metric name: use letters, digits and underscores, starting with a letter")
+            if f"val_{name}" in builtin:
+                raise ValueError(f"{name!r}: the task already reports val_{name}; give the metric another name")
+        return metrics
+
     @field_validator("monitor")
     @classmethod
     def _check_monitor(cls, monitor: str, info: ValidationInfo) -> str:
-        allowed = TASK_METRICS.get(info.data.get("task"), ())
-        if allowed and monitor not in allowed:
+        builtin = TASK_METRICS.get(info.data.get("task"), ())
+        # load_config passes the names of the metrics given to the Python API (trainer metrics=)
+        # as the validation context. Without one, this is a run's saved config.json (export,
+        # predict), checked when that run started, and its monitor may be such a metric.
+        if not builtin or info.context is None:
+            return monitor
+        configured = [*info.data.get("metrics", {}), *info.context.get("metrics", ())]
+        allowed = [*builtin, *(f"val_{name}" for name in configured)]
+        if monitor not in allowed:
             close = difflib.get_close_matches(monitor, allowed, n=1)
             hint = f"; did you mean {close[0]!r}" if close else ""
-            raise ValueError(f"task {info.data['task']!r} produces {list(allowed)}, not {monitor!r}{hint}")
+            raise ValueError(f"task {info.data['task']!r} produces {allowed}, not {monitor!r}{hint} (a metric of your own: "
+                             "add it to training_options.metrics)")
         return monitor
 
     @model_validator(mode="after")
     def _default_mode(self) -> "TrainingOptions":
-        if self.mode is None:
+        # A configured metric's direction is its own higher_is_better, known once it is built
+        # (the trainer fills it in): the config never imports torchmetrics.
+        if self.mode is None and self.monitor in TASK_METRICS.get(self.task, ()):
             self.mode = "max" if self.monitor in MAXIMIZED_METRICS else "min"
         return self

@@ -6,6 +6,7 @@
     build_loader  a DataLoader over whole batches (batches.py) in the order of EpochSampler
                   (sampling.py), or for one process without workers an InProcessLoader
                   (in_process.py); prepare hands them to accelerate (loader.py)
+    load_split    one more split (to evaluate or predict), prepared like the others
     describe      the sizes built-in models take from the data (checks.py)
 
 The vectorized path never builds per-row dicts: the batch sampler yields index lists and each
@@ -20,7 +21,7 @@ from .in_process import InProcessLoader
 from .loader import build_loader, prepare
 from .sampling import EpochSampler
 from .sources import FORMATS, DataError
-from .splits import Splits, load_splits
+from .splits import Splits, load_split, load_splits
 
 __all__ = ["FORMATS", "ColumnarBatches", "DataError", "EpochSampler", "InProcessLoader", "RowByRow", "Splits", "build_loader",
-           "describe", "load_splits", "prepare", "sources"]
+           "describe", "load_split", "load_splits", "prepare", "sources"]

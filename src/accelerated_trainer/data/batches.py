@@ -51,7 +51,7 @@ class ColumnarBatches(torch.utils.data.Dataset):
     Args:
         dataset: a datasets.Dataset without an indices mapping, or a pyarrow Table.
         feature_columns: columns stacked into `features`; empty for none.
-        label_column: the column served as `labels`.
+        label_column: the column served as `labels`; None for batches without labels.
         label_dtype: the dtype of `labels` unless `dtypes` names another.
         input_columns: columns served under their own names (keyword arguments of the model).
         dtypes: dtype by batch key; features default to float32, input columns to int64,
@@ -62,7 +62,7 @@ class ColumnarBatches(torch.utils.data.Dataset):
             different lengths.
     """
 
-    def __init__(self, dataset, feature_columns: Sequence[str], label_column: str, label_dtype: torch.dtype, *,
+    def __init__(self, dataset, feature_columns: Sequence[str], label_column: str | None, label_dtype: torch.dtype, *,
                  input_columns: Sequence[str] = (), dtypes: dict[str, torch.dtype] | None = None,
                  preload_max_bytes: int = 4096 << 20):
         table = dataset if isinstance(dataset, pa.Table) else dataset.data.table
@@ -72,7 +72,8 @@ class ColumnarBatches(torch.utils.data.Dataset):
             plan["features"] = (list(feature_columns), _stacked_shape(table, feature_columns), dtypes.get("features", torch.float32))
         for name in input_columns:
             plan[name] = ([name], _row_shape(table, name), dtypes.get(name, _input_dtype(table.schema.field(name).type)))
-        plan["labels"] = ([label_column], _row_shape(table, label_column), dtypes.get("labels", label_dtype))
+        if label_column is not None:
+            plan["labels"] = ([label_column], _row_shape(table, label_column), dtypes.get("labels", label_dtype))
 
         self._num_rows = table.num_rows
         self._dense: dict[str, torch.Tensor] = {}

@@ -13,9 +13,11 @@ from .batches import _stacked_shape
 from .sources import DataError
 
 
-def check_columns(dataset, options: DatasetOptions, split: str, source: str) -> None:
-    keys = [("feature_columns", options.feature_columns), ("input_columns", options.input_columns),
-            ("label_column", [options.label_column])]
+def check_columns(dataset, options: DatasetOptions, split: str, source: str, require_labels: bool = True) -> None:
+    """The configured columns are there and hold finite numbers; without `require_labels` the
+    label column may be missing (data to predict)."""
+    labels = [options.label_column] if require_labels or options.label_column in dataset.column_names else []
+    keys = [("feature_columns", options.feature_columns), ("input_columns", options.input_columns), ("label_column", labels)]
     for key, columns in keys:
         for column in columns:
             if column not in dataset.column_names:

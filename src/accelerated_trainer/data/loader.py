@@ -32,6 +32,7 @@ def build_loader(
     num_processes: int = 1,
     collate_fn: Callable | None = None,
     in_process_device: torch.device | None = None,
+    with_labels: bool = True,
 ) -> DataLoader | InProcessLoader:
     """A DataLoader over `dataset` ready for `accelerator.prepare`.
 
@@ -39,6 +40,7 @@ def build_loader(
     keeps every row once and leaves the padding to accelerate, whose gather_for_metrics drops it.
     With `in_process_device`, one process and the vectorized path without workers, the same
     batches come from an InProcessLoader instead, placed on that device and never prepared.
+    Without `with_labels` the batches hold no `labels` (data to predict).
 
     Raises:
         ConfigError: a collate_fn with vectorization, or a dtypes key that is no batch key.
@@ -54,7 +56,7 @@ def build_loader(
         dtypes.setdefault("features", torch.long)
         dtypes.setdefault("labels", torch.long)
     rows_class = ColumnarBatches if options.vectorization else RowByRow
-    rows = rows_class(dataset, options.feature_columns, options.label_column, label_dtype,
+    rows = rows_class(dataset, options.feature_columns, options.label_column if with_labels else None, label_dtype,
                       input_columns=options.input_columns, dtypes=dtypes, preload_max_bytes=options.preload_max_mb << 20)
     sampler = EpochSampler(len(rows), seed, shuffle=train and options.shuffle,
                            round_size=batch_size * num_processes if train and num_processes > 1 else 1,

@@ -56,8 +56,35 @@ def load_splits(options: DatasetOptions, seed: int, train_dataset=None, eval_dat
         sources["validation"] = f"a {options.validation_split:g} hold-out of {sources['train']}"
     for name, split in raw.items():
         raw[name] = _flat(split)
-        check_columns(raw[name], options, name, sources[name])
+        # A test file without labels is no reason to refuse training: it is then only not scored.
+        check_columns(raw[name], options, name, sources[name], require_labels=name != "test")
     return Splits(train=raw["train"], validation=raw.get("validation"), source=sources["train"], test=raw.get("test"))
+
+
+def load_split(data, options: DatasetOptions, name: str, *, require_labels: bool = True, source: str | None = None):
+    """One more split, prepared as load_splits prepares the others: a dataset to evaluate or predict.
+
+    `data` is a datasets.Dataset, a dict of columns or a pyarrow Table; transforms and text
+    packing run as for the training data. Without `require_labels` the label column may be missing.
+
+    Raises:
+        DataError: the data does not fit the config, is empty, or is text for the char tokenizer
+            (its vocabulary comes from the training splits).
+    """
+    source = source or f"the dataset given to {name}()"
+    dataset = as_dataset(data)
+    if len(dataset) == 0:
+        raise DataError(f"the {name} data from {source} is empty.")
+    dataset = _apply_transforms(dataset, options, name)
+    if options.text is not None and options.text.column in dataset.column_names:
+        if options.text.tokenizer == "char":
+            raise DataError(f"{source}: new text cannot be tokenized with the char tokenizer, whose characters come from the "
+                            "training splits; give token blocks (input_ids, labels), or score the text as "
+                            "dataset_options.data_files.test.")
+        dataset = tokenize_and_pack({name: dataset}, options, {name: source})[name]
+    dataset = _flat(dataset)
+    check_columns(dataset, options, name, source, require_labels=require_labels)
+    return dataset
 
 
 def _flat(dataset):
