@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from typing import Any
 
 from .config import ConfigError
@@ -11,6 +13,9 @@ from .config import ConfigError
 def import_object(path: str, key: str, kind: str = "object") -> Any:
     """The object at `path`; `key` is the config key that names it, for messages.
 
+    Modules are found on sys.path and in the current directory: `train.py` puts its own
+    directory first on sys.path, not the directory it is run from, where a user's module lives.
+
     Raises:
         ConfigError: `path` is not of the form package.module:attribute, the module does not
             import, it has no such attribute, or (kind "function") the attribute is not callable.
@@ -18,6 +23,7 @@ def import_object(path: str, key: str, kind: str = "object") -> Any:
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(f"{key}: {path!r} is not an import path of the form package.module:{kind}.")
+    _add_current_directory()
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
@@ -30,3 +36,12 @@ def import_object(path: str, key: str, kind: str = "object") -> Any:
     if kind == "function" and not callable(found):
         raise ConfigError(f"{key}: {path!r} is not a function.")
     return found
+
+
+def _add_current_directory() -> None:
+    # Appended, so an installed package of the same name still wins; caches dropped, so a module
+    # written since the interpreter started is found.
+    here = os.getcwd()
+    if not {"", ".", here} & set(sys.path):
+        sys.path.append(here)
+        importlib.invalidate_caches()
