@@ -19,5 +19,5 @@ def test_a_module_in_the_current_directory_is_importable(tmp_path, monkeypatch):
 
 def test_a_missing_module_is_still_a_config_error_naming_the_key(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ConfigError, match=r"dataset_options\.train_batch_transform: cannot import 'nowhere_xyz:f'"):
+    with pytest.raises(ConfigError, match=r"dataset_options\.train_batch_transform: cannot import 'nowhere_xyz:f'.*current directory"):
         import_object("nowhere_xyz:f", "dataset_options.train_batch_transform", kind="function")

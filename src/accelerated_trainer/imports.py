@@ -29,7 +29,8 @@ def import_object(path: str, key: str, kind: str = "object") -> Any:
     except ImportError as err:
         # A missing function names its whole path; a missing model class, the module the path names.
         what = repr(path) if kind == "function" else f"module {module_name!r}"
-        raise ConfigError(f"{key}: cannot import {what}: {err}.") from None
+        raise ConfigError(f"{key}: cannot import {what}: {err} (modules are found on sys.path and in the current "
+                          f"directory, {os.getcwd()}).") from None
     if not hasattr(module, attr):
         raise ConfigError(f"{key}: cannot import {path!r}: module {module_name!r} has no attribute {attr!r}.")
     found = getattr(module, attr)
