@@ -81,6 +81,29 @@ def test_pretrained_directory_loads_its_weights_and_its_tokenizer(tmp_path):
     assert trainer.config.dataset_options.text.tokenizer == str(directory)
 
 
+def test_auto_class_and_kwargs_choose_the_class_and_set_its_config():
+    from accelerated_trainer import hf
+
+    options = ModelOptions(hf_config=str(TINY_BERT), auto_class="BertForMaskedLM", kwargs={"hidden_dropout_prob": 0.0})
+    model, resolved = hf.build_model(options, "classification", {"num_classes": 2}, None)
+    assert type(model).__name__ == "BertForMaskedLM" and resolved.auto_class == "BertForMaskedLM"
+    assert model.config.hidden_dropout_prob == 0.0
+    with pytest.raises(ConfigError, match="model_options.auto_class: transformers has no class 'AutoModelForNothing'"):
+        hf.build_model(ModelOptions(hf_config=str(TINY_BERT), auto_class="AutoModelForNothing"), "classification", {}, None)
+
+
+def test_a_pretrained_head_of_another_size_says_how_to_start_it_afresh(tmp_path):
+    from accelerated_trainer import hf
+
+    directory, _ = pretrained_dir(tmp_path, num_labels=3)
+    info = {"num_classes": 2, "label_names": ["negative", "positive"]}
+    with pytest.raises(ConfigError, match=r"do not fit a model with 2 outputs.*ignore_mismatched_sizes"):
+        hf.build_model(ModelOptions(pretrained=str(directory)), "classification", info, directory)
+    model, _ = hf.build_model(ModelOptions(pretrained=str(directory), kwargs={"ignore_mismatched_sizes": True}),
+                              "classification", info, directory)
+    assert model.classifier.out_features == 2
+
+
 def test_regression_has_one_output_and_the_models_own_loss(tmp_path):
     rows = reviews("train", 96)
     rows["label"] = [1.0 if label == "positive" else -1.0 for label in rows["label"]]

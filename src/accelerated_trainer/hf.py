@@ -87,7 +87,8 @@ def build_model(options: ModelOptions, task: str, data_info: dict, directory: Pa
         if directory is not None:
             model = auto.from_pretrained(str(directory), config=config, local_files_only=True, **loader_kwargs)
         else:
-            model = auto.from_config(config, **loader_kwargs)
+            # A model class has no from_config; Auto classes call its _from_config (dtype, attn_implementation) too.
+            model = (auto.from_config if hasattr(auto, "from_config") else auto._from_config)(config, **loader_kwargs)
     except RuntimeError as err:
         if "ignore_mismatched_sizes" not in str(err):
             raise

@@ -142,38 +142,38 @@ def _stack(values, key) -> torch.Tensor:
 
 
 def first_batch(data):
-    """A batch of one row (or, for a DataLoader, its first batch), as a structure of tensors or
-    values that do not stack (left as they are: they can only be left out)."""
+    """A batch of one row (for a DataLoader, its first batch) as a dict or tuple of tensors; what
+    does not stack into a tensor (text, ragged rows) is left as it is: it can only be left out."""
     if isinstance(data, DataLoader):
-        return as_tensors_lenient(next(iter(data)))
-    if isinstance(data, IterableDataset):
-        items = [next(iter(data))]
+        batch = next(iter(data))
     else:
-        getitems = getattr(data, "__getitems__", None)
-        items = getitems([0]) if getitems else [data[0]]
-        if not isinstance(items, list):
-            return as_tensors_lenient(items)
-    first = items[0]
-    keys = range(len(first)) if isinstance(first, (tuple, list)) else first if isinstance(first, Mapping) else None
-    if keys is None:
-        raise DataError(f"torch data items must be dicts or tuples (features, label); got {type(first).__name__}.")
-    stacked = {key: _lenient(lambda key=key: _stack([item[key] for item in items], key), first[key]) for key in keys}
-    return stacked if isinstance(first, Mapping) else tuple(stacked.values())
-
-
-def as_tensors_lenient(batch):
+        getitems = None if isinstance(data, IterableDataset) else getattr(data, "__getitems__", None)
+        items = [next(iter(data))] if isinstance(data, IterableDataset) else getitems([0]) if getitems else [data[0]]
+        batch = _transpose(items) if isinstance(items, list) else items
     if isinstance(batch, Mapping):
-        return {key: _lenient(lambda value=value, key=key: as_tensors({key: value})[key], value) for key, value in batch.items()}
+        return {key: _stacked_or_as_is(value, key) for key, value in batch.items()}
     if isinstance(batch, (tuple, list)):
-        return tuple(_lenient(lambda value=value, i=i: as_tensors((value,))[0], value) for i, value in enumerate(batch))
-    raise DataError(f"a DataLoader given to the trainer must yield dicts or tuples of tensors; it yields {type(batch).__name__}.")
+        return tuple(_stacked_or_as_is(value, i) for i, value in enumerate(batch))
+    raise DataError(f"torch data must yield dicts or tuples (features, label); it yields {type(batch).__name__}.")
 
 
-def _lenient(stack, value):
+def _transpose(items: list):
+    """Items as one structure of value lists: a dict of lists, or a tuple of lists."""
+    first = items[0]
+    if isinstance(first, Mapping):
+        return {key: [item[key] for item in items] for key in first}
+    if isinstance(first, (tuple, list)):
+        return tuple([item[i] for item in items] for i in range(len(first)))
+    raise DataError(f"torch data items must be dicts or tuples (features, label); got {type(first).__name__}.")
+
+
+def _stacked_or_as_is(values, key):
+    if isinstance(values, torch.Tensor):
+        return values
     try:
-        return stack()
+        return _stack(values, key)
     except DataError:
-        return value
+        return values
 
 
 def layout_of(batch, options: DatasetOptions, source: str, input_names: Sequence[str] = ()) -> tuple[Layout, DatasetOptions]:
