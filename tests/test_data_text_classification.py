@@ -115,3 +115,11 @@ def test_per_row_path_is_refused_for_padded_text():
     with pytest.raises(ConfigError, match="vectorization"):
         data.build_loader(splits.train, splits.options, label_dtype=torch.long, batch_size=2, seed=0, train=True,
                           padding=splits.padding)
+
+
+def test_a_tokenizer_json_file_tokenizes_like_its_transformers_directory():
+    texts = sentences(16)
+    by_file = data.load_splits(text_options(tokenizer=str(TOKENIZER / "tokenizer.json")), seed=0,
+                               train_dataset={"text": texts, "label": [0, 1] * 8})
+    assert by_file.train["input_ids"] == tokenizer()(texts, truncation=True, max_length=40)["input_ids"]
+    assert by_file.padding == {"input_ids": 0}, "[PAD] found in its vocabulary; no token_type_ids for single texts"
