@@ -41,7 +41,6 @@ def test_shipped_schema_is_current():
         (lambda c: c["experiment_options"].update(resume=3.5), ["experiment_options.resume", "3.5"]),
         # a metric the task does not produce
         (lambda c: c["training_options"].update(monitor="val_acc"), ["training_options.monitor", "val_accuracy"]),
-        (lambda c: c["dataset_options"].pop("feature_columns"), ["dataset_options.feature_columns", "missing"]),
     ],
 )
 def test_invalid_config_names_the_path(tmp_path, mutate, expected):
@@ -140,3 +139,34 @@ def test_config_errors_about_metrics_import_neither_torch_nor_torchmetrics(tmp_p
             "print(sorted(m for m in ('torch', 'torchmetrics') if m in sys.modules))")
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert "val_f2" in completed.stdout and completed.stdout.strip().endswith("[]"), completed.stdout + completed.stderr
+
+
+# The original spec's config, verbatim: task and vectorization under dataset_options, an integer patience.
+SPEC_CONFIG = {"dataset_options": {"task": "classification", "vectorization": True},
+               "training_options": {"n_epochs": 10, "loss_function": "CrossEntropyLoss", "early_stopping": 5},
+               "experiment_options": {"ckpt_dir": "./checkpoints", "title": "MyExperiment", "wandb": {"project": "my_project"}}}
+
+
+def test_the_original_spec_config_loads_verbatim():
+    config = load_config(SPEC_CONFIG)
+    assert config.training_options.task == config.dataset_options.task == "classification"
+    assert config.training_options.early_stopping.patience == 5
+    assert config.dataset_options.feature_columns == []  # taken from the data's columns at load time
+    assert config.experiment_options.wandb.project == "my_project"
+
+
+def test_dataset_options_task_is_the_training_task_and_its_metrics_follow():
+    # training_options.monitor is checked against the task: the task given under dataset_options counts.
+    config = load_config({"dataset_options": {"task": "regression"}, "training_options": {"monitor": "val_mse"}})
+    assert config.training_options.task == "regression" and config.training_options.mode == "min"
+    with pytest.raises(ConfigError, match=r"training_options\.monitor: task 'regression' produces"):
+        load_config({"dataset_options": {"task": "regression"}, "training_options": {"monitor": "val_accuracy"}})
+    again = load_config(config.model_dump(mode="json"))  # a run's config.json holds the task in both places
+    assert again.training_options.task == again.dataset_options.task == "regression"
+
+
+def test_two_different_tasks_are_refused_naming_both_keys():
+    with pytest.raises(ConfigError) as err:
+        load_config({"dataset_options": {"task": "regression"}, "training_options": {"task": "classification"}})
+    assert "dataset_options.task" in str(err.value) and "training_options.task" in str(err.value)
+    assert load_config({"dataset_options": {"task": "regression"}, "training_options": {"task": "regression"}})

@@ -414,3 +414,53 @@ def test_collate_fn_with_vectorization_is_a_config_error(digits):
             digits.train, digits_options(vectorization=True), label_dtype=torch.long, batch_size=8, seed=0, train=True,
             collate_fn=lambda rows: rows,
         )
+
+
+# ---------------------------------------------------------------- columns the config leaves out
+
+
+def test_left_out_feature_columns_are_the_columns_other_than_the_label(tmp_path, digits):
+    scalars = data.load_splits(DatasetOptions(data_files={"train": str(write_csv(tmp_path / "t.csv"))}, validation_split=0.0), seed=0)
+    assert scalars.options.feature_columns == ["a", "b", "c"]  # scalar columns, stacked in file order
+    one_array = data.load_splits(DatasetOptions(data_files=digits_options().data_files), seed=0)
+    assert one_array.options.feature_columns == ["pixels"]
+    rows = data.ColumnarBatches(one_array.train, one_array.options.feature_columns, "label", torch.long)
+    assert rows.take([0])["features"].shape == (1, 64)
+    named = data.load_splits(DatasetOptions(input_columns=["a"], validation_split=0.0), seed=0,
+                             train_dataset={"a": [1, 2], "b": [[1.0, 2.0], [3.0, 4.0]], "label": [0, 1]})
+    assert named.options.feature_columns == [], "with input_columns named, the model takes only what the config names"
+
+
+@pytest.mark.parametrize("columns, listed", [
+    ({"pixels": [[1.0, 2.0], [3.0, 4.0]], "weight": [1.0, 2.0]}, ["pixels", "weight"]),  # an array and a scalar
+    ({"x": [1.0, 2.0], "name": ["a", "b"]}, ["x", "name"]),  # text is no feature
+    ({}, []),  # nothing but the label
+])
+def test_ambiguous_features_are_one_error_listing_the_columns(columns, listed):
+    with pytest.raises(data.DataError) as err:
+        data.load_splits(DatasetOptions(validation_split=0.0), seed=0, train_dataset={**columns, "label": [0, 1]})
+    message = str(err.value)
+    assert "dataset_options.feature_columns" in message and "input_columns" in message
+    assert all(repr(name) in message for name in listed) and "\n" not in message
+
+
+def test_a_validation_file_is_used_together_with_train_dataset(tmp_path):
+    validation = write_csv(tmp_path / "validation.csv", ROWS[:2])
+    train = {"a": [9.0] * 20, "b": [9.0] * 20, "c": [9.0] * 20, "label": [1] * 20}
+    splits = data.load_splits(options({"validation": str(validation)}), seed=0, train_dataset=train)
+    assert len(splits.train) == 20, "no hold-out taken from train"
+    assert column(splits.validation, "a") == [0.5, 1.5]
+    assert "validation.csv" in splits.sources["validation"]
+
+
+def test_text_labels_of_a_classification_task_become_class_indices(tmp_path):
+    (tmp_path / "train.csv").write_text("x,label\n1.0,pos\n2.0,neg\n3.0,pos\n")
+    (tmp_path / "validation.csv").write_text("x,label\n1.5,neg\n")
+    opts = DatasetOptions(data_files={"train": str(tmp_path / "train.csv"), "validation": str(tmp_path / "validation.csv")},
+                          task="classification")
+    splits = data.load_splits(opts, seed=0)
+    assert splits.train.features["label"].names == ["neg", "pos"]
+    assert column(splits.train, "label") == [1, 0, 1] and column(splits.validation, "label") == [0]
+    (tmp_path / "validation.csv").write_text("x,label\n1.5,meh\n")
+    with pytest.raises(data.DataError, match=r"dataset_options\.label_column: .*validation.*'meh'.*\['neg', 'pos'\]"):
+        data.load_splits(opts, seed=0)

@@ -403,3 +403,23 @@ def test_max_time_s_evaluates_the_final_weights_and_a_signal_does_not(tmp_path):
     signalled = trainer.train()
     assert signalled.preempted and "SIGUSR1" in signalled.stop_reason and signalled.steps == 31
     assert [row["step"] for row in metric_rows(signalled.run_dir) if "val_loss" in row] == [23]
+
+
+def test_the_original_spec_config_trains_verbatim(tmp_path, monkeypatch):
+    """The spec's own config, unchanged, with the user's model and a dict of features and labels."""
+    from test_config import SPEC_CONFIG
+
+    monkeypatch.chdir(tmp_path)  # its ckpt_dir is ./checkpoints
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(1000, 8, generator=generator)
+    labels = features[:, :3].argmax(dim=1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
+    result = AcceleratedTrainer(model, SPEC_CONFIG, train_dataset={"features": features, "label": labels}).train()
+
+    assert result.run_dir.resolve() == tmp_path / "checkpoints" / "MyExperiment"
+    assert (result.run_dir / "best" / "model.safetensors").is_file()
+    assert result.metrics["val_accuracy"] > 0.8, result.metrics
+    saved = json.loads((result.run_dir / "config.json").read_text())
+    assert saved["dataset_options"]["feature_columns"] == ["features"]
+    assert saved["training_options"]["early_stopping"]["patience"] == 5

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import InitProcessGroupKwargs, set_seed
+from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, set_seed
 
 from .config import ConfigError, ExperimentOptions, TrainingOptions
 from .tracking import trackers_for
@@ -40,6 +40,9 @@ def build_accelerator(training: TrainingOptions, experiment: ExperimentOptions, 
         # Data order is EpochSampler's pure function of (seed, epoch); accelerate need not sync
         # generators, and keeping the DataLoader's own generator keeps the global RNG untouched.
         rng_types=[],
+        # A user's shuffled DataLoader: a seedable sampler makes its order a function of (seed, epoch) too,
+        # so a resume that skips an epoch's first batches skips exactly the ones trained (data/torch_data.py).
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=training.seed),
         # A dead or hung process fails the job after this long instead of hanging it.
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=experiment.distributed_timeout_s))],
     )

@@ -35,15 +35,19 @@ class Evaluator:
     """
 
     def __init__(self, accelerator, batch_loss: BatchLoss, metrics: MetricSet, options: DatasetOptions, *, task: str,
-                 label_dtype: torch.dtype, seed: int, collate_fn: Callable | None = None, threshold: float | None = None):
+                 label_dtype: torch.dtype, seed: int, collate_fn: Callable | None = None, threshold: float | None = None,
+                 padding: dict[str, int] | None = None, input_names: tuple[str, ...] = (),
+                 label_names: list[str] | None = None):
         self.accelerator, self.batch_loss, self.metrics, self.options = accelerator, batch_loss, metrics, options
         self.task, self.label_dtype, self.seed, self.collate_fn, self.threshold = task, label_dtype, seed, collate_fn, threshold
+        self.padding, self.input_names, self.label_names = padding, input_names, label_names
 
     def loader_for(self, dataset, name: str, labels: bool):
-        """A prepared loader over a dataset given later (a datasets.Dataset, a dict of columns or a
-        pyarrow Table), with the run's transforms applied; `name` is for messages."""
+        """A prepared loader over a dataset given later (whatever train_dataset= takes), made as
+        the run's own splits were (transforms, tokenization); `name` is for messages."""
         with self.accelerator.main_process_first():
-            split = data.load_split(dataset, self.options, name, require_labels=labels)
+            split = data.load_split(dataset, self.options, name, require_labels=labels, input_names=self.input_names,
+                                    label_names=self.label_names)
         return self.prepared(split, labels)
 
     def prepared(self, split, labels: bool):
@@ -51,8 +55,8 @@ class Evaluator:
         loader = data.build_loader(
             split, self.options, label_dtype=self.label_dtype, batch_size=self.options.eval_batch_size or self.options.batch_size,
             seed=self.seed, train=False, num_processes=self.accelerator.num_processes, collate_fn=self.collate_fn,
-            with_labels=labels)
-        return self.accelerator.prepare_data_loader(loader)
+            with_labels=labels, padding=self.padding)
+        return data.prepare_loader(self.accelerator, loader)
 
     @torch.no_grad()
     def score(self, loader, prefix: str = "val") -> dict[str, float]:

@@ -3,8 +3,11 @@
     python -m accelerated_trainer.export runs/digits-mlp exported/digits
     model = accelerated_trainer.load_exported("exported/digits")     # built from its config
 
-The export directory holds model.safetensors, config.json (the run's resolved config, whose
-model_options rebuild the model) and meta.json, sealed with a manifest like every checkpoint.
+The export directory holds model.safetensors, trainer_config.json (the run's resolved config,
+whose model_options rebuild the model) and meta.json, sealed with a manifest like every
+checkpoint. For a transformers model it is also a save_pretrained directory: the model's own
+config.json and the tokenizer's files, which AutoModel*.from_pretrained and
+AutoTokenizer.from_pretrained open.
 """
 
 from __future__ import annotations
@@ -14,9 +17,12 @@ import shutil
 import sys
 from pathlib import Path
 
-from .checkpoint import files
-from .checkpoint import WEIGHTS
+from .checkpoint import WEIGHTS, files
 from .config import ConfigError, TrainerConfig
+
+TRAINER_CONFIG = "trainer_config.json"  # not config.json: that name is a transformers model's own
+# What a checkpoint holds for resuming or bookkeeping, left out of an export.
+_NOT_EXPORTED = ("manifest.json", "meta.json", "state.json", "optimizer.safetensors", "optimizer.json")
 
 
 def export_model(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "best") -> Path:
@@ -32,8 +38,10 @@ def export_model(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "be
     if reason := files.verify(source):
         raise ConfigError(f"export: {source} does not verify ({reason}); export another checkpoint.")
     tmp = files.temporary_dir(out_dir)
-    shutil.copy2(source / WEIGHTS, tmp / WEIGHTS)
-    shutil.copy2(run_dir / "config.json", tmp / "config.json")
+    for path in source.iterdir():  # the weights, and a transformers model's config and tokenizer files
+        if path.is_file() and path.name not in _NOT_EXPORTED and not path.name.startswith("rng-rank"):
+            shutil.copy2(path, tmp / path.name)
+    shutil.copy2(run_dir / "config.json", tmp / TRAINER_CONFIG)
     meta = files.read_json(source / "meta.json") if (source / "meta.json").is_file() else files.read_json(source / "state.json")
     files.write_json(tmp / "meta.json", {"source": str(source), **{k: meta.get(k) for k in ("epoch", "step", "monitor", "value", "metrics")}})
     files.seal(tmp)
@@ -42,7 +50,8 @@ def export_model(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "be
 
 
 def load_exported(directory: str | Path, model=None):
-    """The exported model, in eval mode: built from its config's model_options unless `model` is given."""
+    """The exported model, in eval mode: `model` with the exported weights; else a transformers
+    model by from_pretrained, or the model built from the trainer config's model_options."""
     from safetensors.torch import load_model
 
     from .models import build_model
@@ -50,13 +59,26 @@ def load_exported(directory: str | Path, model=None):
     directory = Path(directory)
     if reason := files.verify(directory):
         raise ConfigError(f"{directory} is not a complete export: {reason}.")
+    # Exports before trainer_config.json held the trainer's config as config.json.
+    trainer_config = directory / TRAINER_CONFIG if (directory / TRAINER_CONFIG).is_file() else directory / "config.json"
+    if model is None and trainer_config.name != "config.json" and (directory / "config.json").is_file():
+        return _load_pretrained(directory)
     if model is None:
-        config = TrainerConfig.model_validate(files.read_json(directory / "config.json"))
+        config = TrainerConfig.model_validate(files.read_json(trainer_config))
         if config.model_options is None:
             raise ConfigError(f"{directory}: the run was trained from the Python API; pass the model: load_exported(dir, model=MyModel(...)).")
         model = build_model(config.model_options)
     load_model(model, str(directory / WEIGHTS))
     return model.eval()
+
+
+def _load_pretrained(directory: Path):
+    """A transformers model from an export: the class its config.json records, from_pretrained."""
+    import transformers
+
+    architectures = files.read_json(directory / "config.json").get("architectures") or ["AutoModel"]
+    cls = getattr(transformers, architectures[0], transformers.AutoModel)
+    return cls.from_pretrained(str(directory), local_files_only=True).eval()
 
 
 def main(argv: list[str] | None = None) -> int:

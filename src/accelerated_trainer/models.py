@@ -133,7 +133,7 @@ def resolve(options: ModelOptions, data_info: dict[str, int]) -> ModelOptions:
                               f"{'set it to' if key == 'input_dim' else 'raise it to at least'} {needed}, or leave it out "
                               "to take it from the data.")
         kwargs.setdefault(argument, needed)
-    return ModelOptions(name=options.name, kwargs=kwargs)
+    return options.model_copy(update={"kwargs": kwargs})
 
 
 def build_model(options: ModelOptions) -> nn.Module:
@@ -146,6 +146,16 @@ def build_model(options: ModelOptions) -> nn.Module:
         cls = import_object(options.name, "model_options.name", kind="Class")
     try:
         inspect.signature(cls).bind(**options.kwargs)
+        fits = True
     except TypeError as err:
-        raise ConfigError(f"model_options.kwargs do not fit {options.name} ({cls.__name__}{inspect.signature(cls)}): {err}.") from None
+        fits, problem = False, err
+    # transformers classes are built from a config (Auto classes refuse a constructor call altogether).
+    if hasattr(cls, "from_pretrained") and (not fits or not (isinstance(cls, type) and issubclass(cls, nn.Module))):
+        raise ConfigError(
+            f"model_options.name: {options.name!r} is a Hugging Face class, which is built from a model directory or a "
+            "config: set model_options.pretrained to a local model directory (from_pretrained) or model_options.hf_config "
+            f"to a config.json or its directory (random weights), with model_options.auto_class {cls.__name__!r} to use "
+            "this class, and leave model_options.name out.")
+    if not fits:
+        raise ConfigError(f"model_options.kwargs do not fit {options.name} ({cls.__name__}{inspect.signature(cls)}): {problem}.")
     return cls(**options.kwargs)

@@ -19,12 +19,13 @@ from typing import Any, Callable, Literal
 
 import torch
 
-from . import data
-from .checkpoint import Checkpointer, ModelState, RunSignature, files, load_weights_dir
+from . import data, hf
+from .checkpoint import Checkpointer, RunSignature, files, load_weights_dir
 from .checkpoint.states import MODEL, OPTIMIZER, TRAINER
 from .config import ConfigError, TrainerConfig, load_config
 from .distributed import build_accelerator
 from .early_stopping import EarlyStopping, Stop
+from .imports import import_object
 from .loss import BatchLoss, ModelError, as_per_sample, binary_threshold, build_loss
 from .evaluation import Evaluator
 from .metrics import TrainWindow, build_metrics
@@ -92,9 +93,10 @@ class AcceleratedTrainer:
             first argument, and `labels=` too when its forward accepts it; it may return
             predictions, or its own loss (HF ModelOutput.loss or a dict with "loss").
         config: a dict, a path to a JSON/YAML config, or a TrainerConfig.
-        train_dataset / eval_dataset: a datasets.Dataset (or dict of columns) overriding the
-            config's data files.
-        collate_fn: for the per-row path (dataset_options.vectorization false).
+        train_dataset / eval_dataset: data overriding the config's file for that split: a
+            datasets.Dataset, a dict of columns or a pyarrow Table; or torch data, a map-style
+            Dataset (dict or tuple items), an IterableDataset or a DataLoader (data/torch_data.py).
+        collate_fn: for the per-row path over columns (dataset_options.vectorization false).
         loss_fn: the loss instead of training_options.loss_function: a torch.nn loss (its
             reduction is set to "none" on a copy) or a function (outputs, labels) -> loss, per
             sample or the batch mean.
@@ -112,7 +114,7 @@ class AcceleratedTrainer:
         self.run_dir = self.config.run_dir
         self.accelerator = build_accelerator(self.config.training_options, self.config.experiment_options, self.run_dir)
         configure_console(self.accelerator.is_main_process, self.config.experiment_options.progress_bar)
-        data_info, fingerprint = self._build_data(train_dataset, eval_dataset, collate_fn)
+        data_info, fingerprint = self._build_data(train_dataset, eval_dataset, collate_fn, model)
         self._build_loss(loss_fn)
         if self.binary_threshold is not None and "num_classes" in data_info:
             data_info = {**data_info, "num_classes": 1}  # one output, the score of class 1
@@ -122,27 +124,43 @@ class AcceleratedTrainer:
 
     # ------------------------------------------------------------ building, in order
 
-    def _build_data(self, train_dataset, eval_dataset, collate_fn) -> tuple[dict[str, int], str]:
-        """The loaders; returns what built-in models take from the data and the training data's fingerprint."""
+    def _build_data(self, train_dataset, eval_dataset, collate_fn, model) -> tuple[dict, str | None]:
+        """The loaders; returns what models take from the data and the training data's fingerprint."""
         opts, training = self.config.dataset_options, self.config.training_options
+        # Before the data: a model directory that is not there fails fast; its tokenizer is the text's default.
+        self.model_dir = hf.model_directory(self.config.model_options) if model is None else None
+        if opts.text is not None and opts.text.tokenizer is None and self.model_dir is not None:
+            opts = opts.model_copy(update={"text": opts.text.model_copy(update={"tokenizer": str(self.model_dir)})})
+        batch_transform = opts.train_batch_transform and import_object(
+            opts.train_batch_transform, "dataset_options.train_batch_transform", kind="function")
+        self._input_names = tuple(_forward_inputs(model))
         with self.accelerator.main_process_first():
-            splits = data.load_splits(opts, training.seed, train_dataset, eval_dataset)
+            splits = data.load_splits(opts, training.seed, train_dataset, eval_dataset, input_names=self._input_names)
+        # What the data decided (feature columns, the tokenizer's inputs, a DataLoader's batch size) goes into config.json.
+        self.config.dataset_options = opts = splits.options
         if splits.validation is None and training.early_stopping is not None:
-            raise ConfigError("training_options.early_stopping needs validation data: set dataset_options.data_files.validation or validation_split.")
+            raise ConfigError("training_options.early_stopping needs validation data: set dataset_options.data_files.validation "
+                              "or validation_split, or pass eval_dataset= (iterable data and DataLoaders have no hold-out).")
         label_dtype = self._label_dtype()
-        self._collate_fn, self._test_split = collate_fn, splits.test  # for evaluate(dataset), predict() and the test split
+        # For evaluate(dataset), predict() and the test split: built as the run's own loaders are.
+        self._collate_fn, self._test_split, self._padding = collate_fn, splits.test, splits.padding
         # With one micro-batch per step the prepared DataLoader's bookkeeping buys nothing for one process.
         whole_steps = steps_every_micro_batch(self.accelerator)
         self.train_loader = data.build_loader(
             splits.train, opts, label_dtype=label_dtype, batch_size=opts.batch_size, seed=training.seed, train=True,
             num_processes=self.accelerator.num_processes, collate_fn=collate_fn,
-            in_process_device=self.accelerator.device if whole_steps else None)
+            in_process_device=self.accelerator.device if whole_steps else None, padding=splits.padding)
         self.train_sampler = self.train_loader.sampler  # the same object inside the prepared loader
         self.eval_loader = splits.validation and data.build_loader(
             splits.validation, opts, label_dtype=label_dtype, batch_size=opts.eval_batch_size or opts.batch_size,
-            seed=training.seed, train=False, num_processes=self.accelerator.num_processes, collate_fn=collate_fn)
+            seed=training.seed, train=False, num_processes=self.accelerator.num_processes, collate_fn=collate_fn,
+            padding=splits.padding)
+        self._batch_transform = batch_transform
+        info = data.describe(splits.train, opts, training.task, validation=splits.validation)
+        if names := data.label_names(splits.train, opts):
+            info["label_names"] = names
         # datasets' content hash of the training split: a resume says when the data changed.
-        return data.describe(splits.train, opts, training.task, validation=splits.validation), splits.train._fingerprint
+        return info, getattr(splits.train, "_fingerprint", None)
 
     def _label_dtype(self) -> torch.dtype:
         return torch.float32 if self.config.training_options.task == "regression" else torch.long
@@ -157,27 +175,40 @@ class AcceleratedTrainer:
             self.loss_fn.to(self.accelerator.device)  # class weights are buffers
         self.binary_threshold = binary_threshold(self.loss_fn) if training.task == "classification" else None
 
-    def _build_model(self, model: torch.nn.Module | None, data_info: dict[str, int]) -> None:
-        training = self.config.training_options
+    def _build_model(self, model: torch.nn.Module | None, data_info: dict) -> None:
+        training, opts = self.config.training_options, self.config.dataset_options
         if model is None:
-            if self.config.model_options is None:
+            options = self.config.model_options
+            if options is None:
                 raise ConfigError("model_options: no model given; set model_options.name (e.g. \"mlp\") or pass a model to the trainer.")
             # The resolved options (input/output sizes from the data) go into config.json and checkpoints.
-            self.config.model_options = resolve_model(self.config.model_options, data_info)
-            model = build_model(self.config.model_options)
+            if hf.uses_transformers(options):
+                model, self.config.model_options = hf.build_model(options, training.task, data_info, self.model_dir)
+            else:
+                self.config.model_options = resolve_model(options, data_info)
+                model = build_model(self.config.model_options)
         else:
             self.config.model_options = None  # the model given wins; config.json must not claim another
         # HF models (and any forward with `labels`) compute their own loss when given the labels.
         # Not packed text's: its labels are already the next tokens, and a causal LM shifts them
         # again (it would learn the token after next); its logits are scored against them here.
         # Read before `prepare`: a DDP wrapper's forward takes only *args, **kwargs.
-        pass_labels = "labels" in inspect.signature(model.forward).parameters and self.config.dataset_options.text is None
+        packed = opts.text is not None and training.task == "language_modeling"
+        pass_labels = "labels" in inspect.signature(model.forward).parameters and not packed
         self.model, self.optimizer, self.train_loader, self.eval_loader = data.prepare(
             self.accelerator, model, build_optimizer(training.optimizer, model), self.train_loader, self.eval_loader)
+        if self._batch_transform:
+            self.train_loader = data.with_batch_transform(self.train_loader, self._batch_transform)
+        self.model_state = hf.model_state(self.accelerator, self.model, opts.text and opts.text.tokenizer)
         self.batch_loss = BatchLoss(self.model, self.loss_fn, pass_labels=pass_labels, task=training.task,
-                                    label_column=self.config.dataset_options.label_column, ignored_loss=self._chosen_loss)
-        self.steps_per_epoch = -(-len(self.train_loader) // training.gradient_accumulation_steps)
-        self._samples_per_micro_batch = self.config.dataset_options.batch_size * self.accelerator.num_processes
+                                    label_column=opts.label_column, ignored_loss=self._chosen_loss)
+        batches = _batches_per_epoch(self.train_loader)
+        self.steps_per_epoch = batches and -(-batches // training.gradient_accumulation_steps)
+        if self.steps_per_epoch is None and not training.max_steps and training.scheduler.name != "constant":
+            raise ConfigError("training_options.max_steps: the training data has no length (an IterableDataset without "
+                              "__len__), so the learning-rate schedule's length is unknown; set max_steps, or use the constant "
+                              "schedule.")
+        self._samples_per_micro_batch = opts.batch_size * self.accelerator.num_processes
 
     def _build_evaluator(self, given_metrics: dict[str, Any] | None, data_info: dict[str, int]) -> None:
         training = self.config.training_options
@@ -187,11 +218,12 @@ class AcceleratedTrainer:
             training.mode = metrics.mode_for(training.monitor)
         self.evaluator = Evaluator(self.accelerator, self.batch_loss, metrics, self.config.dataset_options, task=training.task,
                                    label_dtype=self._label_dtype(), seed=training.seed, collate_fn=self._collate_fn,
-                                   threshold=self.binary_threshold)
+                                   threshold=self.binary_threshold, padding=self._padding, input_names=self._input_names,
+                                   label_names=data_info.get("label_names"))
 
     def _build_components(self, fingerprint: str) -> None:
         training, experiment = self.config.training_options, self.config.experiment_options
-        total_steps = self.steps_per_epoch * training.n_epochs
+        total_steps = self.steps_per_epoch * training.n_epochs if self.steps_per_epoch else training.max_steps or 0
         total_steps = min(total_steps, training.max_steps) if training.max_steps else total_steps
         self.state = TrainingState(num_processes=self.accelerator.num_processes)
         self.window = TrainWindow(self.accelerator, training.log_every_n_steps, skip_nonfinite=training.nonfinite_loss == "skip")
@@ -205,7 +237,6 @@ class AcceleratedTrainer:
         self.early_stopping = stopping and EarlyStopping(training.mode, stopping.patience, stopping.min_delta, monitor=training.monitor)
         config = self.config.model_dump(mode="json")
         self.tracker = Tracker(self.accelerator, experiment, self.run_dir, config)
-        self.model_state = ModelState(self.accelerator, self.model)
         states = {MODEL: self.model_state, OPTIMIZER: self.optimizer, "scheduler": self.scheduler, TRAINER: self.state}
         if (scaler := getattr(self.accelerator, "scaler", None)) is not None:
             states["scaler"] = scaler
@@ -217,7 +248,8 @@ class AcceleratedTrainer:
         self.last_metrics: dict[str, float] = {}
         self._evaluated_step: int | None = None  # the step of the latest evaluation
         # What samples_in_epoch reaches on an epoch's last micro-batch (counted in full batches).
-        self._samples_per_epoch = len(self.train_loader) * self._samples_per_micro_batch
+        batches = _batches_per_epoch(self.train_loader)
+        self._samples_per_epoch = batches * self._samples_per_micro_batch if batches else None
 
     # ------------------------------------------------------------ the run
 
@@ -307,7 +339,7 @@ class AcceleratedTrainer:
     def _count_epoch_if_done(self) -> None:
         """Count the epoch on its last step already, when an evaluation or a stop at that step
         would otherwise see (and record) one epoch fewer than completed."""
-        if self.state.samples_in_epoch >= self._samples_per_epoch:
+        if self._samples_per_epoch and self.state.samples_in_epoch >= self._samples_per_epoch:
             self._complete_epoch()
 
     def _training_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -469,6 +501,22 @@ class AcceleratedTrainer:
                              "steps": result.steps, "epochs": result.epochs, "seconds": seconds, **test_metrics})
         say(self.accelerator, summary(result, seconds, self.checkpointer.kept))
         return result
+
+
+
+def _forward_inputs(model: torch.nn.Module | None) -> list[str]:
+    """The names of a model's forward parameters after the first: they name the extra inputs of tuple items."""
+    if model is None:
+        return []
+    parameters = list(inspect.signature(model.forward).parameters.values())
+    return [p.name for p in parameters[1:] if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def _batches_per_epoch(loader) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:  # an IterableDataset without __len__
+        return None
 
 
 Trainer = AcceleratedTrainer

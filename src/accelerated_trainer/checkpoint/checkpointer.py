@@ -310,7 +310,7 @@ class Checkpointer:
         # fails later leaves the index listing exactly what is on disk.
         if enters:
             dest = self.run_dir / candidate.path
-            self._on_main(lambda: write_weights_dir(dest, weights, meta), dest, cleanup=RunDir.temporary(dest))
+            self._on_main(lambda: write_weights_dir(dest, weights, meta, self.states[MODEL]), dest, cleanup=RunDir.temporary(dest))
         self.kept = kept
         # The index first stops listing a checkpoint, then it is deleted. A candidate that did not
         # enter can still have a directory: its own, from before a crash, when this is a replay.
@@ -318,7 +318,7 @@ class Checkpointer:
         self._on_main(lambda: self._forget(stale), self.run_dir / INDEX)
         if improves:
             dest = self.run_dir / BEST
-            self._on_main(lambda: write_weights_dir(dest, weights, {**meta, "path": BEST}), dest, cleanup=RunDir.temporary(dest))
+            self._on_main(lambda: write_weights_dir(dest, weights, {**meta, "path": BEST}, self.states[MODEL]), dest, cleanup=RunDir.temporary(dest))
             self.best = Entry(BEST, epoch, step, value)
             self._on_main(self._write_index, self.run_dir / INDEX)
         return improves

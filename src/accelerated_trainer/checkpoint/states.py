@@ -44,6 +44,10 @@ class ModelState:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return one_entry_per_storage(self.accelerator.get_state_dict(self.model))
 
+    def write_pretrained_files(self, directory) -> None:
+        """Write what loads the weights besides model.safetensors into a checkpoint directory:
+        nothing here; a transformers model's config and tokenizer (hf.PretrainedModelState)."""
+
     def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Raises:
             KeyError: the weights do not fit the model (names missing or unexpected)."""

@@ -5,6 +5,8 @@
     state.json              every other state as JSON: the training state's keys at the top, the
                             others under their registry names (scheduler, early_stopping, ...)
     rng-rank{N}.json        each process's RNG, written by that process
+    config.json, tokenizer  for a transformers model, what from_pretrained reads besides the weights
+                            (ModelState.write_pretrained_files)
 
 A save is taken in two parts. `capture` runs on the training thread of every process (gathering
 the weights is collective under FSDP and DeepSpeed): it serializes everything but the
@@ -30,6 +32,7 @@ from .states import MODEL, OPTIMIZER, RNG, TRAINER, ModelState
 
 WEIGHTS = "model.safetensors"
 STATE = "state.json"
+META = "meta.json"  # a weights directory's epoch, step and metrics
 TENSOR_FILES = (WEIGHTS, f"{OPTIMIZER}.safetensors")  # the bulk of a checkpoint, rewritten in place by a later save
 _OWN_FILES = (MODEL, OPTIMIZER, RNG)  # states with files of their own; the rest go to state.json
 
@@ -47,6 +50,7 @@ class Capture:
     optimizer_tensors: dict[str, torch.Tensor]
     state_text: str
     rng: dict | None
+    model_state: Any = None  # writes the files that load the weights (ModelState.write_pretrained_files)
     asynchronous: bool = False  # the optimizer tensors and the `live` weights are still to copy
     live: set[str] = field(default_factory=set)
 
@@ -81,7 +85,7 @@ class FullStore:
             if name not in _OWN_FILES:
                 json_states.update(state.state_dict() if name == TRAINER else {name: state.state_dict()})
         rng = states[RNG].state_dict() if RNG in states else None
-        return Capture(weights, skeleton, optimizer_tensors, files.to_json(json_states), rng, asynchronous, live)
+        return Capture(weights, skeleton, optimizer_tensors, files.to_json(json_states), rng, states[MODEL], asynchronous, live)
 
     def write_own(self, capture: Capture, directory: Path) -> None:
         """This process's part of the checkpoint (its RNG), on every process."""
@@ -102,6 +106,7 @@ class FullStore:
         checksums = {WEIGHTS: tensors.write_tensors(directory / WEIGHTS, weights, metadata={"format": "pt"}, pause=pause)}
         checksums |= tensors.write_state(capture.optimizer_skeleton, optimizer_tensors, directory, OPTIMIZER, pause=pause)
         (directory / STATE).write_text(capture.state_text)
+        capture.model_state.write_pretrained_files(directory)
         return checksums
 
     def read(self, directory: Path, states: dict) -> dict:
@@ -135,12 +140,15 @@ class FullStore:
         self.staging.release()
 
 
-def write_weights_dir(dest: Path, weights: dict, meta: dict) -> None:
-    """Weights alone (best/, top/*): model.safetensors and meta.json, sealed and published."""
+def write_weights_dir(dest: Path, weights: dict, meta: dict, model_state=None) -> None:
+    """Weights alone (best/, top/*): model.safetensors and meta.json, with what `model_state`
+    (a ModelState) writes to load them (a transformers model's config and tokenizer), sealed and published."""
     tmp = files.temporary_dir(dest)
     host = {name: tensors.host_tensor(value) for name, value in weights.items()}
     checksums = {WEIGHTS: tensors.write_tensors(tmp / WEIGHTS, host, metadata={"format": "pt"})}
-    files.write_json(tmp / "meta.json", meta)
+    files.write_json(tmp / META, meta)
+    if model_state is not None:
+        model_state.write_pretrained_files(tmp)
     files.seal(tmp, checksums)
     files.publish(tmp, dest)
 

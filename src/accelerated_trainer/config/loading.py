@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Literal, Union
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from .base import ConfigError, _Section
 from .dataset import DatasetOptions
@@ -30,6 +30,24 @@ class TrainerConfig(_Section):
     """Run name and directory, resume, tracking."""
     model_options: ModelOptions | None = None
     """The model for CLI runs; the Python API takes a model object instead."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_task(cls, data: Any) -> Any:
+        """The task in both sections: the original spec puts it under dataset_options, and each
+        section's checks read it (training_options.monitor, dataset_options.text)."""
+        if not isinstance(data, dict) or not isinstance(data.get("dataset_options"), dict):
+            return data
+        dataset, training = data["dataset_options"], data.get("training_options", {})
+        if not isinstance(training, dict):
+            return data
+        given = {key: section["task"] for key, section in (("dataset_options.task", dataset), ("training_options.task", training))
+                 if section.get("task") is not None}
+        if len(set(map(str, given.values()))) > 1:
+            raise ValueError(f"dataset_options.task is {given['dataset_options.task']!r} but training_options.task is "
+                             f"{given['training_options.task']!r}; they are the same setting: give the task in one place")
+        task = next(iter(given.values()), TrainingOptions.model_fields["task"].default)
+        return {**data, "dataset_options": {**dataset, "task": task}, "training_options": {**training, "task": task}}
 
     @property
     def run_dir(self) -> Path:

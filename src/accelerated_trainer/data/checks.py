@@ -10,14 +10,18 @@ import pyarrow.compute as pc
 from ..config import DatasetOptions
 from ..loss import IGNORE_INDEX
 from .batches import _stacked_shape
+from .padding import MASK
 from .sources import DataError
+from .torch_data import TorchSplit
 
 
 def check_columns(dataset, options: DatasetOptions, split: str, source: str, require_labels: bool = True) -> None:
     """The configured columns are there and hold finite numbers; without `require_labels` the
     label column may be missing (data to predict)."""
+    # The attention mask of tokenized rows is made per batch (padding.py), not stored.
+    inputs = [name for name in options.input_columns if not (options.text is not None and name == MASK)]
     labels = [options.label_column] if require_labels or options.label_column in dataset.column_names else []
-    keys = [("feature_columns", options.feature_columns), ("input_columns", options.input_columns), ("label_column", labels)]
+    keys = [("feature_columns", options.feature_columns), ("input_columns", inputs), ("label_column", labels)]
     for key, columns in keys:
         for column in columns:
             if column not in dataset.column_names:
@@ -72,6 +76,8 @@ def describe(dataset, options: DatasetOptions, task: str, validation=None) -> di
     Raises:
         DataError: a class label that is negative, not an integer, or outside the class range.
     """
+    if isinstance(dataset, TorchSplit):  # torch data is not scanned: only what its first batch shows
+        return {} if dataset.layout.input_dim is None else {"input_dim": dataset.layout.input_dim}
     table = dataset.data.table
     info = {}
     if options.feature_columns:
@@ -85,6 +91,13 @@ def describe(dataset, options: DatasetOptions, task: str, validation=None) -> di
             info["vocab_size"] = max(info["vocab_size"], highest + 1)
         info["block_size"] = int(np.prod(_stacked_shape(table, [options.label_column])))
     return info
+
+
+def label_names(dataset, options: DatasetOptions) -> list[str] | None:
+    """The class names of the label's ClassLabel feature (text labels, or declared), or None."""
+    if isinstance(dataset, TorchSplit) or options.label_column not in dataset.features:
+        return None
+    return getattr(dataset.features[options.label_column], "names", None)
 
 
 def _num_classes(dataset, column: str, validation) -> int:

@@ -31,10 +31,13 @@ def as_dataset(data):
     if isinstance(data, datasets.Dataset):
         return data
     if isinstance(data, dict):
-        return datasets.Dataset.from_dict(data)
+        # Tensors as numpy arrays: datasets stores them as lists of the row shape, like any array.
+        return datasets.Dataset.from_dict({key: value.numpy(force=True) if hasattr(value, "numpy") and hasattr(value, "dim") else value
+                                           for key, value in data.items()})
     if isinstance(data, pa.Table):
         return datasets.Dataset(data)
-    raise TypeError(f"expected a datasets.Dataset, a dict of columns or a pyarrow Table, got {type(data).__name__}")
+    raise TypeError(f"expected a datasets.Dataset, a dict of columns or a pyarrow Table, or torch data (a torch.utils.data "
+                    f"Dataset, IterableDataset or DataLoader), got {type(data).__name__}")
 
 
 def load_file_split(options: DatasetOptions, split: str):

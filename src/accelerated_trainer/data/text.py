@@ -36,7 +36,7 @@ def tokenize_and_pack(splits: dict[str, object], options: DatasetOptions, source
     text = options.text
     for name, dataset in splits.items():
         _check_text_column(dataset, text.column, name, sources[name])
-    spec = _tokenizer_spec(text.tokenizer, splits.values(), text.column)
+    spec = _tokenizer_spec(text.tokenizer or "byte", splits.values(), text.column)
     vocabulary = ClassLabel(names=list(spec["chars"])) if spec["kind"] == "char" else ClassLabel(num_classes=_load(json.dumps(spec)).vocab_size)
     features = Features({TOKEN_IDS: List(Value("int64"), length=text.block_size), TARGETS: List(vocabulary, length=text.block_size)})
     num_proc = options.num_proc if options.num_proc > 1 else None
