@@ -29,7 +29,7 @@ launching:
 exit codes: 0 done; 2 invalid config or data (the message says what to fix); 3 another process
   of the job died or hung; 4 a checkpoint write failed or the loss became NaN/inf (earlier
   checkpoints intact); 99 preempted (SIGTERM/SIGUSR1) or max_time_s spent, with a complete
-  `last` checkpoint: relaunch with --set experiment_options.resume=true.
+  `last` checkpoint and {run_dir}/preempted.json: relaunch with --set experiment_options.resume=true.
 """
 
 
@@ -45,6 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="override one config value (repeatable)")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--print-run-dir", action="store_true", help="print the run directory (absolute) and exit")
     parser.add_argument("--schema", action="store_true", help="print the config's JSON Schema and exit")
     args = parser.parse_args(argv)
     if not (args.config or args.schema):
@@ -111,9 +112,10 @@ def _run(argv: list[str] | None) -> int:
         if args.print_config:
             print(json.dumps(config.model_dump(mode="json"), indent=2))
             return 0
-        from .trainer import AcceleratedTrainer
-
-        result = AcceleratedTrainer(None, config).train()
+        if args.print_run_dir:
+            print(config.run_dir.absolute())
+            return 0
+        return _train(config)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -135,7 +137,27 @@ def _run(argv: list[str] | None) -> int:
               "It probably died or hung: its own log says why. The last complete checkpoint is in "
               f"{config.run_dir / 'last'}; relaunch with --set experiment_options.resume=true.", file=sys.stderr)
         return LOST_PROCESS_EXIT_CODE
-    return PREEMPTED_EXIT_CODE if result.preempted else 0
+
+
+def _train(config) -> int:
+    """Train as the config says, and write the preempted marker after a preemption; return the exit code."""
+    from . import preempted_marker
+    from .trainer import AcceleratedTrainer
+
+    main_process = _is_main_process()
+    if main_process:
+        preempted_marker.clear(config.run_dir)  # a marker of an earlier launch must not outlive this one's start
+    result = AcceleratedTrainer(None, config).train()
+    if not result.preempted:
+        return 0
+    if main_process:
+        preempted_marker.write(config.run_dir, result.steps, result.stop_reason)
+    return PREEMPTED_EXIT_CODE
+
+
+def _is_main_process() -> bool:
+    # Read from the launcher's environment: the marker is handled before accelerate is imported.
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _lost_another_process(err: Exception) -> bool:
