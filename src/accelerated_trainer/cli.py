@@ -140,13 +140,15 @@ def _run(argv: list[str] | None) -> int:
 
 
 def _train(config) -> int:
-    """Train as the config says, and write the preempted marker after a preemption; return the exit code."""
-    from . import preempted_marker
+    """Train as the config says: the preflight before, the preempted marker after; return the exit code."""
+    from . import preempted_marker, preflight
     from .trainer import AcceleratedTrainer
 
     main_process = _is_main_process()
     if main_process:
         preempted_marker.clear(config.run_dir)  # a marker of an earlier launch must not outlive this one's start
+    experiment = config.experiment_options
+    preflight.check(config.run_dir, experiment.preflight_timeout_s, experiment.distributed_timeout_s, LOST_PROCESS_EXIT_CODE)
     result = AcceleratedTrainer(None, config).train()
     if not result.preempted:
         return 0
