@@ -25,7 +25,7 @@ def test_workers_stopped_preempted_end_the_launcher_with_99_and_one_line(tmp_pat
     process = launch(tmp_path, 29743, "training_options.max_time_s=1")
     _, errors = process.communicate(timeout=300)
     assert process.returncode == 99, errors[-3000:]  # plain `accelerate launch` exits 1 here
-    assert "launcher: the workers stopped preempted (exit code 99" in errors
+    assert "launcher: the workers exited with code 99 (preempted, `last` saved)" in errors
     assert "Traceback" not in errors and "ChildFailedError" not in errors
     assert json.loads((tmp_path / "digits-mlp" / "preempted.json").read_text())["reason"] == "max_time_s reached"
 

@@ -8,6 +8,7 @@ import os
 import sys
 from typing import NoReturn
 
+INVALID_INPUT_EXIT_CODE = 2  # the config or the data does not fit; the message says what to fix
 PREEMPTED_EXIT_CODE = 99  # preempted or max_time_s: `last` is complete, relaunch with resume
 LOST_PROCESS_EXIT_CODE = 3  # another process of the job died or hung
 STOPPED_BY_FAULT_EXIT_CODE = 4  # a checkpoint write failed or the loss became NaN/inf
@@ -118,7 +119,7 @@ def _run(argv: list[str] | None) -> int:
         return _train(config)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return INVALID_INPUT_EXIT_CODE
     except Exception as err:
         # Imported here: importing torch would make config errors take seconds instead of milliseconds.
         from .data import DataError
@@ -127,7 +128,7 @@ def _run(argv: list[str] | None) -> int:
 
         if isinstance(err, DataError):
             print(f"error: {err}", file=sys.stderr)
-            return 2
+            return INVALID_INPUT_EXIT_CODE
         if isinstance(err, (CheckpointError, NonFiniteLossError)):
             print(f"error: {err}", file=sys.stderr)
             return STOPPED_BY_FAULT_EXIT_CODE

@@ -3,9 +3,11 @@
 For cluster scripts (launch/slurm_multinode.sbatch). When the launcher (torchrun's agent, inside
 `accelerate launch`) is signalled, it passes the signal on to its workers and waits for them,
 then ends on an uncaught SignalException: some 30 lines of traceback per node in the job log,
-for an expected event. When its workers all exit with 99 (preempted, `last` saved), it ends on a
-ChildFailedError report and exit code 1. Here the first ends with one line and 128 + the
-signal's number, the second with one line and 99. Anything else is accelerate's own outcome.
+for an expected event. When its workers exit with one of train.py's own exit codes (99:
+preempted, `last` saved; 2: invalid config or data, ...), having said why, it adds a
+ChildFailedError report and exits with 1. Here the first ends with one line and 128 + the
+signal's number, the second with one line and the workers' code. Anything else (a worker's
+traceback, a worker killed, codes that differ) is accelerate's own outcome.
 """
 
 from __future__ import annotations
@@ -13,7 +15,15 @@ from __future__ import annotations
 import signal
 import sys
 
-from .cli import PREEMPTED_EXIT_CODE
+from .cli import INVALID_INPUT_EXIT_CODE, LOST_PROCESS_EXIT_CODE, PREEMPTED_EXIT_CODE, STOPPED_BY_FAULT_EXIT_CODE
+
+# train.py's exit codes after which every worker has printed what happened.
+TOLD = {
+    INVALID_INPUT_EXIT_CODE: "invalid config or data",
+    LOST_PROCESS_EXIT_CODE: "another process died or hung",
+    STOPPED_BY_FAULT_EXIT_CODE: "a checkpoint write failed or the loss became NaN/inf",
+    PREEMPTED_EXIT_CODE: "preempted, `last` saved",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,11 +39,12 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr, flush=True)
         return 128 + int(err.sigval)
     except ChildFailedError as err:
-        if {failure.exitcode for failure in err.failures.values()} != {PREEMPTED_EXIT_CODE}:
+        codes = {failure.exitcode for failure in err.failures.values()}
+        code = codes.pop() if len(codes) == 1 else None
+        if code not in TOLD:
             raise
-        print(f"launcher: the workers stopped preempted (exit code {PREEMPTED_EXIT_CODE}, `last` saved)",
-              file=sys.stderr, flush=True)
-        return PREEMPTED_EXIT_CODE
+        print(f"launcher: the workers exited with code {code} ({TOLD[code]})", file=sys.stderr, flush=True)
+        return code
     return 0
 
 
