@@ -72,13 +72,13 @@ def check(run_dir: Path, timeout_s: float, distributed_timeout_s: float, exit_co
     """Form the process group and check it and the run directory; a no-op for one process.
 
     The process group is created here, as the trainer's Accelerator would (it then uses this
-    one), with `distributed_timeout_s` as its collective timeout.
+    one), with `distributed_timeout_s` as its collective timeout. A process that cannot form
+    the group, finish the all-reduce or the directory check within `timeout_s` prints which
+    node it is on and what it waited for, and exits with `exit_code`.
 
     Raises:
         ConfigError: a node resolves the run directory to another path, does not see rank 0's
             file in it (not a shared file system) or cannot write there; the message names it.
-    A process that cannot form the group or finish the all-reduce within `timeout_s` prints
-    which node it is on and exits with `exit_code`.
     """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
@@ -108,6 +108,8 @@ def _all_reduce(state) -> None:
 
     ones = torch.ones(1, device=state.device)
     dist.all_reduce(ones)
+    if ones.is_cuda:
+        torch.cuda.synchronize(ones.device)  # waits without the GIL, so that the deadline's thread can report
     if int(ones.item()) != state.num_processes:
         raise RuntimeError(f"preflight: an all-reduce of ones over {state.num_processes} processes gave {ones.item()}")
 
