@@ -7,7 +7,7 @@ ARGS ?=
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv train test clean
+.PHONY: venv train test test-slurm clean
 
 venv: $(VENV)/.installed
 
@@ -24,6 +24,11 @@ train: venv
 
 test: venv
 	$(BIN)/python -m pytest -q
+
+# launch/slurm_multinode.sbatch under a real Slurm on this machine: needs root, installs
+# slurm-wlm and munge with apt when they are missing (tests/slurm/kit).
+test-slurm: venv
+	$(BIN)/python -m pytest -q -m slurm tests/slurm
 
 clean:
 	rm -rf runs wandb

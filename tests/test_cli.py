@@ -195,3 +195,30 @@ def test_the_main_job_says_little_on_a_terminal(tmp_path):
         + json.loads((tmp_path / "digits-mlp" / "last" / "state.json").read_text())["run_id"] + "`"]
     assert lines[-6].startswith("run finished: early stopping")
     assert "Run summary" in (tmp_path / "digits-mlp" / "wandb.log").read_text()
+
+
+def test_print_run_dir_is_absolute_and_never_imports_torch(tmp_path):
+    # The cluster script asks for the run directory in its batch shell, before anything starts.
+    probe = ("import sys; from accelerated_trainer.cli import main; "
+             "code = main(['--config', 'configs/digits.json', '--print-run-dir', '--set', 'experiment_options.ckpt_dir=rel']); "
+             "print('torch' in sys.modules, code)")
+    result = run([sys.executable, "-c", probe], env={"PYTHONPATH": str(REPO / "src")})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [str(REPO / "rel" / "digits-mlp"), "False 0"]
+
+
+def test_a_preempted_run_leaves_a_marker_of_its_attempt_and_the_next_start_removes_it(tmp_path):
+    settings = ["--quiet", "--set", f"experiment_options.ckpt_dir={tmp_path}", "--set", "experiment_options.trackers=[]"]
+    slurm = {"SLURM_JOB_ID": "7", "SLURM_RESTART_COUNT": "2"}
+    stopped = run([*TRAIN, "--config", "configs/digits.json", *settings, "--set", "training_options.n_epochs=1000",
+                   "--set", "training_options.max_time_s=0.5"], env=slurm)
+    assert stopped.returncode == 99, stopped.stderr[-2000:]
+    run_dir = tmp_path / "digits-mlp"
+    marker = json.loads((run_dir / "preempted.json").read_text())
+    step = json.loads((run_dir / "last" / "state.json").read_text())["step"]
+    assert marker == {"slurm_job_id": "7", "slurm_restart_count": "2", "step": step, "reason": "max_time_s reached"}
+    # The same job attempt relaunched (a cluster script's retry), failing for real: its marker is gone.
+    failed = run([*TRAIN, "--config", "configs/digits.json", *settings, "--set", "experiment_options.resume=true",
+                  "--set", "dataset_options.label_column=nope"], env=slurm)
+    assert failed.returncode == 2 and "label_column" in failed.stderr
+    assert not (run_dir / "preempted.json").exists()

@@ -139,3 +139,6 @@ def test_slurm_multinode_script():
     assert default_config and (ROOT / default_config.group(1)).is_file()
     assert "scontrol requeue" in text
     assert "experiment_options.resume=true" in text
+    # Resources come from the sbatch command line: one script for GPU and CPU partitions.
+    assert not [d for d in directives if d.split("=")[0] in ("--gpus-per-node", "--gres", "--cpus-per-task", "--time",
+                                                              "--nodes", "--partition")], directives

@@ -12,6 +12,7 @@ import os
 import sys
 from typing import NoReturn
 
+INVALID_INPUT_EXIT_CODE = 2  # the config or the data does not fit; the message says what to fix
 PREEMPTED_EXIT_CODE = 99  # preempted or max_time_s: `last` is complete, relaunch with resume
 LOST_PROCESS_EXIT_CODE = 3  # another process of the job died or hung
 STOPPED_BY_FAULT_EXIT_CODE = 4  # a checkpoint write failed or the loss became NaN/inf
@@ -39,8 +40,8 @@ exit codes: 0 done; 1 a dependency is not installed, or a crash (traceback); 2 i
   of the job died or hung; 4 a checkpoint write failed or the loss became NaN/inf (earlier
   checkpoints intact); 5 training ended but its final state could not be saved
   (on_save_error: continue); 99 preempted (SIGTERM/SIGUSR1) or max_time_s spent, with a complete
-  `last` checkpoint: relaunch with --set experiment_options.resume=true; 130 Ctrl-C: the first
-  saves `last` like a preemption, a second stops at once.
+  `last` checkpoint and {run_dir}/preempted.json: relaunch with --set experiment_options.resume=true;
+  130 Ctrl-C: the first saves `last` like a preemption, a second stops at once.
 """
 
 
@@ -60,6 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="override one config value (repeatable)")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars or progress lines; the package's messages and summary only")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--print-run-dir", action="store_true", help="print the run directory (absolute) and exit")
     parser.add_argument("--schema", action="store_true", help="print the config's JSON Schema and exit")
     args = parser.parse_args(argv)
     if not (args.config or args.schema):
@@ -144,6 +146,9 @@ def _run(argv: list[str] | None) -> int:
         if args.print_config:
             print(json.dumps(config.model_dump(mode="json"), indent=2))
             return 0
+        if args.print_run_dir:
+            print(config.run_dir.absolute())
+            return 0
         from .checkpoint.run_dir import RunDir
 
         # Refused before torch loads: the trainer applies the same rule before it changes anything.
@@ -151,16 +156,14 @@ def _run(argv: list[str] | None) -> int:
         from .preemption import hold
 
         hold(config.experiment_options.preemption_signals)  # a scheduler's signal during the set-up is not lost
-        from .trainer import AcceleratedTrainer
-
-        result = AcceleratedTrainer(None, config).train()
+        return _train(config)
     except KeyboardInterrupt:
         print("interrupted: stopped at once (a second Ctrl-C, or one during the set-up); the checkpoints written "
               "so far are complete: resume with --set experiment_options.resume=true.", file=sys.stderr)
         return INTERRUPTED_EXIT_CODE
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return INVALID_INPUT_EXIT_CODE
     except Exception as err:
         # Imported here: importing torch would make config errors take seconds instead of milliseconds.
         from .data import DataError
@@ -169,7 +172,7 @@ def _run(argv: list[str] | None) -> int:
 
         if isinstance(err, DataError):
             print(f"error: {err}", file=sys.stderr)
-            return 2
+            return INVALID_INPUT_EXIT_CODE
         if isinstance(err, (CheckpointError, NonFiniteLossError)):
             print(f"error: {err}", file=sys.stderr)
             return STOPPED_BY_FAULT_EXIT_CODE
@@ -179,11 +182,33 @@ def _run(argv: list[str] | None) -> int:
               "It probably died or hung: its own log says why. The last complete checkpoint is in "
               f"{config.run_dir / 'last'}; relaunch with --set experiment_options.resume=true.", file=sys.stderr)
         return LOST_PROCESS_EXIT_CODE
+
+
+def _train(config) -> int:
+    """Train as the config says: the preflight before, the preempted marker after; return the exit code."""
+    from . import preempted_marker, preflight
+    from .trainer import AcceleratedTrainer
+
+    main_process = _is_main_process()
+    if main_process:
+        preempted_marker.clear(config.run_dir)  # a marker of an earlier launch must not outlive this one's start
+    experiment = config.experiment_options
+    preflight.check(config.run_dir, experiment.preflight_timeout_s, experiment.distributed_timeout_s, LOST_PROCESS_EXIT_CODE)
+    result = AcceleratedTrainer(None, config).train()
     if result.save_error:
         return NOT_SAVED_EXIT_CODE
-    if result.interrupted:
+    if result.interrupted:  # Ctrl-C: a person stopped it, no scheduler is to requeue it
         return INTERRUPTED_EXIT_CODE
-    return PREEMPTED_EXIT_CODE if result.preempted else 0
+    if not result.preempted:
+        return 0
+    if main_process:
+        preempted_marker.write(config.run_dir, result.steps, result.stop_reason)
+    return PREEMPTED_EXIT_CODE
+
+
+def _is_main_process() -> bool:
+    # Read from the launcher's environment: the marker is handled before accelerate is imported.
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _lost_another_process(err: Exception) -> bool:

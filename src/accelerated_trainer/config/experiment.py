@@ -57,6 +57,10 @@ class ExperimentOptions(_Section):
     run; set false where host memory is short, to write on the training thread instead."""
     distributed_timeout_s: float = Field(600, gt=0)
     """How long a collective may wait for another process before the job fails (a dead or hung rank)."""
+    preflight_timeout_s: float = Field(300, gt=0)
+    """Runs of several processes: how long they may take, before training, to form their process
+    group, complete one all-reduce and check that the run directory is shared; a process still
+    waiting then names its node and exits with code 3."""
 
     @field_validator("trackers")
     @classmethod
