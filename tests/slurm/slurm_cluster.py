@@ -78,7 +78,13 @@ class SlurmCluster:
         return self.wait_for(job_id, lambda job: job["JobState"] in FINAL, "a final state", timeout)
 
     def start_now(self, job_id: int) -> None:
-        """Lift the ~2 minute BeginTime hold Slurm puts on a requeued job (`scontrol release` does not)."""
+        """Lift the ~2 minute BeginTime hold Slurm puts on a requeued job (`scontrol release` does not).
+
+        Not within the second of the requeue: slurmd counts a job's new credential as revoked
+        when it was made no later than the second its predecessor's was revoked, and kills the
+        batch job at once ("Killing non-startable batch JobId=N: Job credential revoked").
+        """
+        time.sleep(2)
         self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
 
     def cancel_all(self) -> None:

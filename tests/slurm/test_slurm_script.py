@@ -177,5 +177,5 @@ def test_an_invalid_config_fails_before_anything_starts(cluster, tmp_path):
     job = cluster.wait_final(run.id)
     log = run.text()
     assert (job["JobState"], job["Restarts"], job["ExitCode"]) == ("FAILED", "0", "2:0"), log
-    assert "training_options.n_epoch: unknown key; did you mean 'training_options.n_epochs'" in log
+    assert "training_options.n_epoch (from --set training_options.n_epoch=3): unknown key; did you mean 'training_options.n_epochs'" in log
     assert "training step" not in log  # srun never ran
