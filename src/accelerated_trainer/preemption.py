@@ -4,11 +4,13 @@ A scheduler (SLURM, Kubernetes) sends SIGTERM or SIGUSR1 before it kills a job; 
 then finishes its optimizer step, writes a complete `last` checkpoint and returns a result
 marked `preempted` (the CLI exits with 99), and the next launch resumes from it.
 
-Processes may see the signal at different steps, so the decision is agreed: each step every
-process contributes its flag to a MAX all-reduce. On GPUs the reduction issued at step k is
-read at step k+1, so the host never waits on the step it just queued; on CPU (gloo) it is read
-at once. Every process reads the same value at the same step, which is what keeps their
-collectives in lockstep.
+Processes may see the signal at different steps, so the decision is agreed: every process
+contributes its flag to a MAX all-reduce at the same steps. On GPUs the reduction issued at step
+k is read at step k+1, so the host never waits on the step it just queued. On CPU (gloo) it is
+read at once, and not at every step: the processes reduce the slowest step time with the flag
+and agree again after as many steps as take AGREE_EVERY_S, so a stop comes that much later at
+most and small steps do not pay a collective each. Every process reads the same value at the
+same step, which is what keeps their collectives in lockstep.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ if TYPE_CHECKING:  # torch is imported when a run starts, not by the command lin
     from .early_stopping import Stop
 
 INTERRUPTED = "interrupted by Ctrl-C (SIGINT)"
+AGREE_EVERY_S = 0.05  # gloo: how often processes agree on a stop, at most 50 steps apart
+AGREE_MAX_STEPS = 50
 
 
 # Signals that arrived while no StopRequest was installed (held since the command line started).
@@ -58,6 +62,10 @@ class StopRequest:
         self.received: str | None = None
         self._previous: dict[int, Any] = {}
         self._pending: tuple[Any, torch.Tensor] | None = None
+        # gloo's agreement: steps counted, the next step to agree at, when the last agreement was.
+        self._steps = self._agreed_step = 0
+        self._agree_at = 1
+        self._agreed_time = time.monotonic()
 
     def install(self) -> None:
         for name in self.signal_names:
@@ -105,19 +113,32 @@ class StopRequest:
         import torch
         import torch.distributed as dist
 
-        flag = torch.tensor([self._code()], dtype=torch.float32, device=self.accelerator.device)
         if dist.get_backend() == "gloo":
-            # CPU processes: a blocking reduction costs microseconds, and no asynchronous gloo work
-            # is left in flight beside the other collectives of the step.
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            agreed = (None, flag)
-        else:
-            work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True)
-            agreed, self._pending = self._pending, (work, flag)
-            if agreed is None:
-                return None
-            agreed[0].wait()
-        code = int(agreed[1].item())
+            return self._agreed_on_cpu(torch, dist)
+        flag = torch.tensor([self._code()], dtype=torch.float32, device=self.accelerator.device)
+        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True)
+        agreed, self._pending = self._pending, (work, flag)
+        if agreed is None:
+            return None
+        agreed[0].wait()
+        return self._reason_of(int(agreed[1].item()))
+
+    def _agreed_on_cpu(self, torch, dist) -> str | None:
+        # A blocking reduction: no asynchronous gloo work is left in flight beside the step's
+        # other collectives. Every process counts the same steps, so they all reduce at the same ones.
+        self._steps += 1
+        if self._steps < self._agree_at:
+            return None
+        now = time.monotonic()
+        per_step = (now - self._agreed_time) / (self._steps - self._agreed_step)
+        flag = torch.tensor([self._code(), per_step], dtype=torch.float64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        code, slowest = int(flag[0]), float(flag[1])
+        self._agreed_step, self._agreed_time = self._steps, now
+        self._agree_at = self._steps + max(1, min(AGREE_MAX_STEPS, int(AGREE_EVERY_S / max(slowest, 1e-6))))
+        return self._reason_of(code)
+
+    def _reason_of(self, code: int) -> str | None:
         if code == 0:
             return None
         if code == 1:

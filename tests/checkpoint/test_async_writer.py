@@ -50,7 +50,7 @@ def test_pending_save_lets_training_go_on_once_captured_and_reports_the_result_l
 
     pending = PendingSave(None, attempt, tmp_path / "last", tmp_path / ".last.tmp", "intact.")
     assert pending.captured.wait(timeout=30)
-    assert pending._thread.is_alive(), "captured long before the write ends"
+    assert not pending.done(), "captured long before the write ends"
     may_finish.set()
     assert pending.result() == "disk full"
 

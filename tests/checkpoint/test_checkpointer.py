@@ -1,6 +1,8 @@
 """checkpoint/checkpointer.py: the top-k decision, and the last/previous/best/top layout written through a real Accelerator."""
 
+import dataclasses
 import math
+import time
 import random
 
 import numpy as np
@@ -498,3 +500,37 @@ def test_async_save_releases_the_optimizer_step_before_the_files_are_written(tmp
     fresh, fresh_optimizer, fresh_scheduler = trained(seed=1, steps=1)
     checkpointer_for(run_dir, accelerator, fresh, fresh_optimizer, fresh_scheduler).load(run_dir / "last")
     assert_weights_equal(optimizer_tensors(fresh_optimizer), saved_optimizer)
+
+
+def test_an_epoch_end_save_while_one_is_in_flight_does_not_wait_and_is_taken_after_it(tmp_path, accelerator, monkeypatch):
+    """Small epochs: the epoch-end `last` must not hold training until the save before it is written."""
+    import threading
+
+    run_dir = tmp_path / "run"
+    model, optimizer, scheduler = trained()
+    checkpointer = checkpointer_for(run_dir, accelerator, model, optimizer, scheduler)
+    checkpointer.options = dataclasses.replace(checkpointer.options, async_save=True)
+    position = checkpointer.states["trainer"]
+    may_write = threading.Event()
+    real_seal = files.seal
+
+    def held_seal(directory, checksums=None):
+        assert may_write.wait(timeout=30)
+        return real_seal(directory, checksums)
+
+    monkeypatch.setattr(files, "seal", held_seal)
+    position.state = {"step": 10, "epoch": 1}
+    checkpointer.on_epoch_end(epoch=1, step=10)  # in flight, held at its seal
+    position.state = {"step": 20, "epoch": 2}
+    began = time.perf_counter()
+    checkpointer.on_epoch_end(epoch=2, step=20)  # due: returns at once instead of waiting
+    checkpointer.on_step(epoch=2, step=21)  # still in flight: nothing yet
+    assert time.perf_counter() - began < 5 and not (run_dir / "last").exists()
+    may_write.set()
+    while not checkpointer._pending.done():
+        time.sleep(0.01)
+    position.state = {"step": 22, "epoch": 2}
+    checkpointer.on_step(epoch=2, step=22)  # the due save, with the newest state
+    checkpointer.finish(epoch=2, step=22)
+    assert (state_step(run_dir / "last"), state_step(run_dir / "previous")) == (22, 10)
+    assert read_index(run_dir)["last"]["step"] == 22

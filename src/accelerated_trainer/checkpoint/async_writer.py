@@ -16,6 +16,7 @@ from __future__ import annotations
 import shutil
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -54,13 +55,26 @@ class Staging:
         self._buffers.clear()
 
 
+_writer: ThreadPoolExecutor | None = None
+
+
+def writer() -> ThreadPoolExecutor:
+    """The one thread asynchronous saves are written on, started by the first: a thread started
+    per save would cost the training thread that much at every save. Its thread is joined at
+    interpreter exit, so a save in flight is finished first."""
+    global _writer
+    if _writer is None:
+        _writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-save")
+    return _writer
+
+
 class PendingSave:
-    """A `last` save writing on a background thread (main process), or nothing to wait for (others).
+    """A `last` save writing on the save thread (main process), or nothing to wait for (others).
 
     `attempt(captured, pause)` does the save and returns its error message (None on success); it
     calls `captured()` once the optimizer step may change the live tensors, and `pause()` for
     the pause factor of its writes (tensors.write_tensors): WRITE_PAUSE for the first
-    `pace_for` seconds, then 0, and 0 as soon as someone waits for the result.
+    `pace_for` seconds, then 0, and 0 as soon as someone waits for the result or hurries it.
     """
 
     def __init__(self, previous_last: Any, attempt: Callable[[Callable[[], None], Callable[[], float]], str | None] | None,
@@ -71,13 +85,11 @@ class PendingSave:
         self._error: str | None = None
         self._waited_for = threading.Event()  # the rest is written flat out
         self._pace_until = time.perf_counter() + pace_for
-        self._thread = None
+        self._future = None
         if attempt is None:
             self.captured.set()
         else:
-            # Not a daemon: an interpreter that exits mid-save first finishes the checkpoint.
-            self._thread = threading.Thread(target=self._run, args=(attempt,), name="checkpoint-save")
-            self._thread.start()
+            self._future = writer().submit(self._run, attempt)
 
     def pause(self) -> float:
         if self._waited_for.is_set() or time.perf_counter() > self._pace_until:
@@ -94,9 +106,17 @@ class PendingSave:
         finally:
             self.captured.set()  # a failed write must not hold training
 
+    def done(self) -> bool:
+        """Whether the write has ended (without waiting for it)."""
+        return self._future is None or self._future.done()
+
+    def hurry(self) -> None:
+        """Write the rest flat out: someone needs the save done (a newer one is due)."""
+        self._waited_for.set()
+
     def result(self) -> str | None:
         """Wait for the write; its error message (None when it succeeded)."""
-        if self._thread is not None:
-            self._waited_for.set()
-            self._thread.join()
+        if self._future is not None:
+            self.hurry()
+            self._future.result()
         return self._error

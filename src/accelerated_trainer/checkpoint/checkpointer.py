@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import CheckpointOptions, ConfigError
-from ..distributed import first_error, from_main
+from ..distributed import any_process, first_error, from_main
 from ..monitor import is_improvement, rank_key
 from ..tracking import say
 from . import files
@@ -75,6 +75,7 @@ class Checkpointer:
         self.failure: str | None = None  # the latest write that failed under on_save_error "continue"
         self.unsaved: str | None = None  # set by finish() when the final state is not in `last`
         self._pending: PendingSave | None = None
+        self._due = False  # an epoch end's `last` waits for the save in flight (see on_epoch_end)
         self._last_async_save_at: float | None = None  # time.perf_counter() of the latest asynchronous save
 
     # ------------------------------------------------------------ what the trainer calls
@@ -112,10 +113,28 @@ class Checkpointer:
     def on_step(self, epoch: int, step: int) -> None:
         every = self.options.save_every_n_steps
         if every and step % every == 0:
+            self._due = False  # this one holds a newer state than a due epoch end's
+            self._save_last_guarded(epoch, step)
+        elif self._due and self._in_flight_done():
+            self._due = False
             self._save_last_guarded(epoch, step)
 
     def on_epoch_end(self, epoch: int, step: int) -> None:
+        """The epoch end's `last`. Asynchronous, it never waits for the save before it: while that
+        one is still being written (it is hurried on), this one is due, and taken with the state
+        of that moment at the first step after it (the newest state wins), unless a
+        save_every_n_steps save comes first. Steps named by save_every_n_steps are saved at that
+        step; the end of training, an evaluation and a preemption wait for the save in flight."""
+        if self.options.async_save and self._pending is not None and not self._in_flight_done():
+            self._due = True
+            self._pending.hurry()
+            return
+        self._due = False
         self._save_last_guarded(epoch, step)
+
+    def _in_flight_done(self) -> bool:
+        """Whether no save is in flight, agreed (only the main process writes; all decide alike)."""
+        return not any_process(self.accelerator, self._pending is not None and not self._pending.done())
 
     def on_evaluation(self, metrics: dict[str, float], epoch: int, step: int) -> None:
         """Record an evaluation: top-k and best by the monitored metric (the same gathered
@@ -196,23 +215,22 @@ class Checkpointer:
         self.wait()
         dest = self.run_dir / LAST
         tmp = RunDir.temporary(dest)
-        recycle = self._slot_to_rewrite()
         previous_last = self.last
         # The state captured below already names this checkpoint as `last`.
         self.last = Entry(LAST, epoch, step)
         try:
             capture = self.store.capture(self.states, asynchronous)
-            index = self._index()
-            self._on_main(lambda: files.temporary_dir(dest, recycle=recycle, keep=TENSOR_FILES), dest)
-            self._good = [name for name in self._good if recycle is None or name != recycle.name]
-            self._everywhere(lambda: self.store.write_own(capture, tmp), dest)
         except CheckpointError:
             self.last = previous_last
-            if self.accelerator.is_main_process:
-                shutil.rmtree(tmp, ignore_errors=True)
             raise
+        index = self._index()
 
         def write(captured: Callable[[], None], pause: float | Callable[[], float]) -> None:
+            recycle = self._slot_to_rewrite()
+            try:
+                files.temporary_dir(dest, recycle=recycle, keep=TENSOR_FILES)
+            finally:  # the slot rewritten no longer holds a checkpoint, whatever happens next
+                self._good = [name for name in self._good if recycle is None or name != recycle.name]
             checksums = self.store.write(capture, tmp, captured, pause)
             # No read-back verify here: right after writing it would hash the page cache, not the
             # disk. Resume verifies every file against the manifest.
@@ -228,7 +246,7 @@ class Checkpointer:
         if asynchronous:
             attempt = None
             if self.accelerator.is_main_process:
-                attempt = lambda captured, pause: self._attempt(lambda: write(captured, pause), dest, tmp)  # noqa: E731
+                attempt = lambda captured, pause: self._attempt(lambda: write(captured, pause), dest, cleanup=tmp)  # noqa: E731
             # Paced for half the time since the save before (not at all the first time): it ends before the next.
             now, before = time.perf_counter(), self._last_async_save_at
             self._last_async_save_at = now
@@ -275,10 +293,6 @@ class Checkpointer:
         error = self._attempt(action, dest, cleanup) if self.accelerator.is_main_process else None
         # Also the barrier after each write: no process goes on before the checkpoint is complete.
         if error := first_error(self.accelerator, error):
-            raise CheckpointError(error)
-
-    def _everywhere(self, action, dest: Path) -> None:
-        if error := first_error(self.accelerator, self._attempt(action, dest, None)):
             raise CheckpointError(error)
 
     @staticmethod

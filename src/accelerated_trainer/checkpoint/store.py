@@ -4,16 +4,17 @@
     optimizer.safetensors   the optimizer's tensors; optimizer.json the rest of its state
     state.json              every other state as JSON: the training state's keys at the top, the
                             others under their registry names (scheduler, early_stopping, ...)
-    rng-rank{N}.json        each process's RNG, written by that process
+    rng-rank{N}.json        each process's RNG (gathered on the main process when the state is taken)
     config.json, tokenizer  for a transformers model, what from_pretrained reads besides the weights
                             (ModelState.write_pretrained_files)
 
 A save is taken in two parts. `capture` runs on the training thread of every process (gathering
-the weights is collective under FSDP and DeepSpeed): it serializes everything but the
-parameters and the optimizer's tensors, which change only in the optimizer step. `write` then
-runs on the main process, on a background thread for an asynchronous save: it copies those
-tensors into staging buffers, calls `captured()` (the optimizer step may go on), and writes the
-files from the copies.
+the weights is collective under FSDP and DeepSpeed, so is gathering the RNG states): it
+serializes everything but the parameters and the optimizer's tensors, which change only in the
+optimizer step. `write` then runs on the main process, on the save thread for an asynchronous
+save: it copies those tensors into staging buffers, calls `captured()` (the optimizer step may
+go on), and writes every file from the copies; nothing of a save touches the disk on the
+training thread.
 """
 
 from __future__ import annotations
@@ -43,13 +44,13 @@ def rng_file(process_index: int) -> str:
 
 @dataclass
 class Capture:
-    """What a save writes, as taken on the training thread."""
+    """What a save writes, as taken on the training thread (the main process's; the others hold only their RNG)."""
 
     weights: dict[str, torch.Tensor]
     optimizer_skeleton: Any
     optimizer_tensors: dict[str, torch.Tensor]
     state_text: str
-    rng: dict | None
+    rngs: dict[int, dict]  # every process's RNG, by process index
     model_state: Any = None  # writes the files that load the weights (ModelState.write_pretrained_files)
     asynchronous: bool = False  # the optimizer tensors and the `live` weights are still to copy
     live: set[str] = field(default_factory=set)
@@ -63,13 +64,22 @@ class FullStore:
         self.staging = Staging()  # host buffers of asynchronous saves, kept from save to save
 
     def capture(self, states: dict, asynchronous: bool) -> Capture:
-        """Take the state to save; every process calls it at the same point (collective).
+        """Take the state to save; every process calls it at the same point (collective: the
+        weights under FSDP and DeepSpeed, and the processes' RNG, gathered on the main one).
 
         With `asynchronous`, the parameters and optimizer tensors are left live for `write` to
         copy; buffers (which a forward may update) are copied now.
         """
-        weights = {name: tensors.host_tensor(value) if not asynchronous else value.detach()
-                   for name, value in states[MODEL].state_dict().items()}
+        model_weights = states[MODEL].state_dict()
+        rng = states[RNG].state_dict() if RNG in states else None
+        rngs = {self.accelerator.process_index: rng} if rng is not None else {}
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            rngs = dict(gather_object([(self.accelerator.process_index, rng)])) if rng is not None else {}
+        if not self.accelerator.is_main_process:
+            return Capture({}, None, {}, "", {})
+        weights = {name: tensors.host_tensor(value) if not asynchronous else value.detach() for name, value in model_weights.items()}
         skeleton, optimizer_tensors = tensors.split_tensors(states[OPTIMIZER].state_dict(), to_host=not asynchronous)
         live = set()
         if asynchronous:
@@ -84,17 +94,12 @@ class FullStore:
         for name, state in states.items():
             if name not in _OWN_FILES:
                 json_states.update(state.state_dict() if name == TRAINER else {name: state.state_dict()})
-        rng = states[RNG].state_dict() if RNG in states else None
-        return Capture(weights, skeleton, optimizer_tensors, files.to_json(json_states), rng, states[MODEL], asynchronous, live)
-
-    def write_own(self, capture: Capture, directory: Path) -> None:
-        """This process's part of the checkpoint (its RNG), on every process."""
-        if capture.rng is not None:
-            files.write_json(directory / rng_file(self.accelerator.process_index), capture.rng, indent=None)
+        return Capture(weights, skeleton, optimizer_tensors, files.to_json(json_states), rngs, states[MODEL], asynchronous, live)
 
     def write(self, capture: Capture, directory: Path, captured: Callable[[], None] = lambda: None,
               pause: float | Callable[[], float] = 0.0) -> dict[str, str]:
-        """Write the main process's files; return their checksums for the seal.
+        """Write the files (main process, into the empty or recycled `directory`); return their
+        checksums for the seal.
 
         `captured()` is called once the live tensors are copied; `pause`: as for tensors.write_tensors.
         """
@@ -103,6 +108,8 @@ class FullStore:
             weights = {**weights, **self.staging.copy({name: weights[name] for name in capture.live}, MODEL)}
             optimizer_tensors = self.staging.copy(optimizer_tensors, OPTIMIZER)
         captured()
+        for index, rng in capture.rngs.items():
+            files.write_json(directory / rng_file(index), rng, indent=None)
         checksums = {WEIGHTS: tensors.write_tensors(directory / WEIGHTS, weights, metadata={"format": "pt"}, pause=pause)}
         checksums |= tensors.write_state(capture.optimizer_skeleton, optimizer_tensors, directory, OPTIMIZER, pause=pause)
         (directory / STATE).write_text(capture.state_text)
