@@ -1,8 +1,10 @@
 """Milliseconds per training step: this package's trainer against a hand-written loop and its peers.
 
-    python bench/bench_step.py                    # both workloads, 5 rounds
+    python bench/bench_step.py                    # all three workloads, 5 rounds
     python bench/bench_step.py --quick            # smoke run: a few steps, one round
     python bench/bench_step.py --workload tiny --variants hand,trainer --rounds 9
+    python bench/bench_step.py --workload both    # the in-epoch workloads only (tiny, compute)
+    python bench/bench_step.py --workload small-epochs   # a whole run over many small epochs
 
 Variants, on the same model, data, optimizer (AdamW, fused when torch has it on CPU, decay on
 matrices only, lr 1e-3) and batch size:
@@ -18,22 +20,32 @@ How a step is timed: every variant trains the same MLP, whose forward records
 time.perf_counter() (and time.process_time() at the window's two ends). ms/step is
 (stamp[warmup + steps] - stamp[warmup]) / steps, so it covers whole steps, forward to forward: data loading, backward, optimizer,
 scheduler, logging and the progress bar. It leaves out construction, the warm-up steps and what
-a framework does after its last step (the package's final checkpoint). The data is long enough
-that every variant stays inside its first epoch, so no epoch-end validation or checkpoint falls
-in the window. Wall time is what a user waits for. CPU time (the whole process's) does not count
-the time other jobs on a shared machine hold the cores, so it is the steadier figure there.
+a framework does after its last step (the package's final checkpoint). On the in-epoch workloads
+(tiny, compute) the data is long enough that every variant stays inside its first epoch, so no
+epoch-end validation or checkpoint falls in the window. Wall time is what a user waits for. CPU
+time (the whole process's) does not count the time other jobs on a shared machine hold the
+cores, so it is the steadier figure there.
+
+The small-epochs workload is a whole run as a user runs it: the tiny MLP over all 1,797 digits
+rows (the shipped train and validation files together, as training data), batch 64, so 29 steps
+per epoch, and 3,000 steps, about 100 epochs. It is timed from the first step's forward to the
+last step's, with no warm-up, so every epoch boundary but the run's end is in the window: the
+trainer's default `last` save at each epoch end (asynchronous), its per-epoch loader set-up,
+the progress bar's new epoch. Validation and trackers are off (validation_split 0, wandb
+disabled), so only what every run pays is measured. The hand-written loop re-shuffles each epoch
+as one would write it (a permutation, one gather of the tensors, then slices); the DataLoader
+and accelerate loops re-iterate their shuffling loader; Lightning keeps its default checkpoint
+at each epoch end, the HF Trainer saves nothing (save_strategy "no", as on the other workloads).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import itertools
 import json
 import math
 import os
 import tempfile
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +55,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from common import REPO, environment, rounds, silenced, summary, table
+from stamped import MLP
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -68,23 +81,45 @@ class Workload:
     threads: int
     warmup: int
     steps: int
-    features: np.ndarray  # (rows, dims[0]) float32, rows >= (warmup + steps + 2) * batch_size
+    features: np.ndarray  # (rows, dims[0]) float32; in-epoch: rows >= (warmup + steps + 2) * batch_size
     labels: np.ndarray  # (rows,) int64
+    reshuffle: bool = False  # the hand-written loop shuffles each epoch (the in-epoch ones never see a second)
 
     @property
     def total_steps(self) -> int:
         # One more than warmup + steps: the window ends at the forward of the step after it.
         return self.warmup + self.steps + 1
 
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.labels) / self.batch_size)
+
+
+def digits(*splits: str) -> tuple[np.ndarray, np.ndarray]:
+    """(pixels, labels) of the shipped digits parquet files, the splits concatenated."""
+    tables = [pq.read_table(REPO / "data" / "digits" / f"{split}.parquet") for split in splits]
+    pixels = np.concatenate([np.asarray(t.column("pixels").combine_chunks().flatten(), dtype=np.float32).reshape(t.num_rows, -1)
+                             for t in tables])
+    return pixels, np.concatenate([t.column("label").to_numpy().astype(np.int64) for t in tables])
+
 
 def tiny_workload(steps: int, warmup: int) -> Workload:
-    table_ = pq.read_table(REPO / "data" / "digits" / "train.parquet")
-    pixels = np.asarray(table_.column("pixels").combine_chunks().flatten(), dtype=np.float32).reshape(table_.num_rows, -1)
-    labels = table_.column("label").to_numpy().astype(np.int64)
+    pixels, labels = digits("train")
     # Repeated so one epoch is longer than the timed window (the trainer validates and saves at epoch ends).
     repeat = math.ceil((warmup + steps + 2) * 64 / len(labels))
     return Workload("tiny", f"MLP 64-128-10 on digits ({len(labels)} rows x{repeat}), batch 64, 1 thread",
                     [64, 128, 10], 64, 1, warmup, steps, np.tile(pixels, (repeat, 1)), np.tile(labels, repeat))
+
+
+def small_epochs_workload(steps: int) -> Workload:
+    # All of load_digits: the shipped files split it 80/20; here both are training data.
+    pixels, labels = digits("train", "validation")
+    w = Workload("small-epochs", "", [64, 128, 10], 64, 1, 0, steps, pixels, labels, reshuffle=True)
+    w.description = (f"MLP 64-128-10 on digits ({len(labels)} rows: train + validation files), batch 64 = "
+                     f"{w.steps_per_epoch} steps per epoch, 1 thread, the whole run of {w.total_steps} steps "
+                     f"({w.total_steps / w.steps_per_epoch:.0f} epochs; epoch ends in the window; trainer: default "
+                     "cadence, an asynchronous `last` save every epoch end; validation and trackers off)")
+    return w
 
 
 def compute_workload(steps: int, warmup: int, threads: int) -> Workload:
@@ -97,32 +132,6 @@ def compute_workload(steps: int, warmup: int, threads: int) -> Workload:
 
 
 # ---------------------------------------------------------------- the model and optimizer all share
-
-class MLP(nn.Module):
-    """Linear and GELU layers; each forward records its start time in `stamps`, and the CPU
-    time too in `cpu_stamps` for the forwards numbered in `cpu_at`.
-
-    CPU time only where needed: process_time() is a system call, and py-spy over-samples frames
-    that make one, which would distort profile_step.py's shares.
-    """
-
-    def __init__(self, dims: list[int], cpu_at: tuple[int, ...] = ()):
-        super().__init__()
-        layers: list[nn.Module] = []
-        for width, out in itertools.pairwise(dims[:-1]):
-            layers += [nn.Linear(width, out), nn.GELU()]
-        layers.append(nn.Linear(dims[-2], dims[-1]))
-        self.net = nn.Sequential(*layers)
-        self.stamps: list[float] = []
-        self.cpu_stamps: dict[int, float] = {}
-        self._cpu_at = frozenset(cpu_at)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        if len(self.stamps) in self._cpu_at:
-            self.cpu_stamps[len(self.stamps)] = time.process_time()
-        self.stamps.append(time.perf_counter())
-        return self.net(features)
-
 
 def fused_adamw_works() -> bool:
     try:
@@ -161,23 +170,37 @@ def loader(w: Workload) -> DataLoader:
 # ---------------------------------------------------------------- variants: each returns the stamped model
 
 
+def epochs(batches):
+    """One epoch after another until the caller stops: each pass re-iterates (re-shuffles) `batches`."""
+    while True:
+        yield from batches
+
+
 def run_hand(w: Workload, tmp: Path) -> MLP:
     model = new_model(w)
     optimizer = make_optimizer(model)
     x, y = tensors(w)
-    batches = [(x[i:i + w.batch_size], y[i:i + w.batch_size]) for i in range(0, w.total_steps * w.batch_size, w.batch_size)]
-    for features, labels in batches:
-        loss = F.cross_entropy(model(features), labels)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    order = torch.Generator().manual_seed(0)
+    step = 0
+    while step < w.total_steps:
+        if w.reshuffle:  # at each epoch's start, as a hand-written loop does: one gather, then slices
+            permutation = torch.randperm(len(y), generator=order)
+            x, y = x[permutation], y[permutation]
+        for features, labels in zip(x.split(w.batch_size), y.split(w.batch_size)):
+            loss = F.cross_entropy(model(features), labels)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if step == w.total_steps:
+                break
     return model
 
 
 def run_loader(w: Workload, tmp: Path) -> MLP:
     model = new_model(w)
     optimizer = make_optimizer(model)
-    for step, (features, labels) in enumerate(loader(w), 1):
+    for step, (features, labels) in enumerate(epochs(loader(w)), 1):
         loss = F.cross_entropy(model(features), labels)
         loss.backward()
         optimizer.step()
@@ -195,7 +218,7 @@ def run_accelerate(w: Workload, tmp: Path) -> MLP:
     accelerator = Accelerator(cpu=True)
     model = new_model(w)
     prepared, optimizer, batches = accelerator.prepare(model, make_optimizer(model), loader(w))
-    for step, (features, labels) in enumerate(batches, 1):
+    for step, (features, labels) in enumerate(epochs(batches), 1):
         loss = F.cross_entropy(prepared(features), labels)
         accelerator.backward(loss)
         optimizer.step()
@@ -209,7 +232,8 @@ def trainer_config(w: Workload, tmp: Path, optimizer_kwargs: dict) -> dict:
     return {
         "dataset_options": {"feature_columns": ["features"], "label_column": "label", "batch_size": w.batch_size,
                             "validation_split": 0},
-        "training_options": {"n_epochs": 1, "max_steps": w.total_steps, "log_every_n_steps": 10,
+        "training_options": {"n_epochs": math.ceil(w.total_steps / w.steps_per_epoch), "max_steps": w.total_steps,
+                             "log_every_n_steps": 10,
                              "optimizer": {"name": "AdamW", "lr": 1e-3, "weight_decay": 0.01, "kwargs": optimizer_kwargs}},
         "experiment_options": {"title": "trainer", "ckpt_dir": str(tmp), "overwrite": True, "progress_bar": True,
                                "wandb": {"mode": "disabled"}},
@@ -334,7 +358,8 @@ def report(w: Workload, results: dict[str, tuple[list[float], list[float]]]) -> 
     for name, (wall, cpu) in results.items():
         median, low, high = summary(wall)
         cpu_median, cpu_low, cpu_high = summary(cpu)
-        rows.append([VARIANTS[name], f"{median:.3f}", f"{low:.3f}-{high:.3f}", f"{median / base[0]:.2f}x" if base else "-",
+        label = VARIANTS[name] + (", shuffled each epoch" if name == "hand" and w.reshuffle else "")
+        rows.append([label, f"{median:.3f}", f"{low:.3f}-{high:.3f}", f"{median / base[0]:.2f}x" if base else "-",
                      f"{cpu_median:.3f}", f"{cpu_low:.3f}-{cpu_high:.3f}", f"{cpu_median / base[1]:.2f}x" if base else "-"])
     n_rounds = len(next(iter(results.values()))[0])
     head = (f"### {w.name}: {w.description}; {w.steps} timed steps after {w.warmup} warm-up, "
@@ -345,12 +370,14 @@ def report(w: Workload, results: dict[str, tuple[list[float], list[float]]]) -> 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--workload", choices=["tiny", "compute", "both"], default="both")
+    parser.add_argument("--workload", choices=["tiny", "compute", "small-epochs", "both", "all"], default="all",
+                        help="both: the in-epoch ones (tiny, compute); all: those and small-epochs (default)")
     parser.add_argument("--variants", help=f"comma-separated, from {', '.join(VARIANTS)} (default: all; with "
                         "--quick: hand, loader, accel, trainer, as the peers' imports alone outlast a smoke run)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tiny-steps", type=int, default=400)
     parser.add_argument("--compute-steps", type=int, default=30)
+    parser.add_argument("--small-epochs-steps", type=int, default=3000, help="the whole run's timed steps")
     parser.add_argument("--compute-threads", type=int, default=1,
                         help="torch threads for the compute-bound workload (1: least noise on a shared machine)")
     parser.add_argument("--quick", action="store_true", help="a few steps and one round: a smoke run, not a measurement")
@@ -359,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="also write the raw ms/step figures here (bench/compare_commits.py reads them)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.rounds, args.tiny_steps, args.compute_steps = 1, 10, 2
+        args.rounds, args.tiny_steps, args.compute_steps, args.small_epochs_steps = 1, 10, 2, 60
     if args.variants is None:
         args.variants = ",".join(QUICK if args.quick else VARIANTS)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -376,10 +403,12 @@ def main(argv: list[str] | None = None) -> int:
     if skipped:
         print(f"not installed, skipped: {', '.join(skipped)} (pip install -e \".[bench]\")")
     workloads = []
-    if args.workload in ("tiny", "both"):
+    if args.workload in ("tiny", "both", "all"):
         workloads.append(tiny_workload(args.tiny_steps, warmup=3 if args.quick else 30))
-    if args.workload in ("compute", "both"):
+    if args.workload in ("compute", "both", "all"):
         workloads.append(compute_workload(args.compute_steps, warmup=1 if args.quick else 3, threads=args.compute_threads))
+    if args.workload in ("small-epochs", "all"):
+        workloads.append(small_epochs_workload(args.small_epochs_steps))
     raw = {}
     for w in workloads:
         results, from_jsonl = measure(w, variants, args.rounds, args.log)
@@ -387,8 +416,8 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(report(w, results), flush=True)
         if from_jsonl:
-            print(f"\n(c) cross-check from metrics.jsonl samples_per_s (logging windows, excluding the log call itself): "
-                  f"{np.median(from_jsonl):.3f} ms/step median")
+            print(f"\n(c) cross-check from metrics.jsonl samples_per_s (logging windows, excluding the log call itself"
+                  f"{'; in-epoch windows only, no epoch end' if w.reshuffle else ''}): {np.median(from_jsonl):.3f} ms/step median")
     if args.json:
         args.json.write_text(json.dumps(raw))
     return 0

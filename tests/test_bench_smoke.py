@@ -1,7 +1,8 @@
 """The bench scripts still run: each one with --quick, as a subprocess.
 
 Only that they finish and print their table; the timings themselves belong in bench/, not in
-tests. They run side by side to keep this file short (they are mostly imports).
+tests. They run side by side to keep this file short (they are mostly imports); bench_ddp.py,
+whose launches each start 2 processes, and the fault campaign run on their own.
 """
 
 import json
@@ -12,11 +13,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-HEADERS = {
-    "bench_step.py": "| variant | ms/step median | min-max | vs (a) |",
-    "bench_startup.py": "| launch to | median s | min-max | vs reference |",
-    "bench_checkpoint.py": "| save | MB on disk | median s | min-max | MB/s | vs raw |",
-    "bench_async_save.py": "| variant | steps | n | median ms | vs none | mean ms | mean vs none |",
+HEADERS = {  # what each one's output must hold
+    "bench_step.py": ("| variant | ms/step median | min-max | vs (a) |", "### tiny:", "### compute:", "### small-epochs:"),
+    "bench_startup.py": ("| launch to | median s | min-max | vs reference |",),
+    "bench_checkpoint.py": ("| save | MB on disk | median s | min-max | MB/s | vs raw |",),
+    "bench_async_save.py": ("| variant | steps | n | median ms | vs none | mean ms | mean vs none |",),
 }
 
 
@@ -43,7 +44,22 @@ def quick_runs():
 def test_bench_quick_prints_its_table(quick_runs, script):
     returncode, stdout, stderr = quick_runs[script]
     assert returncode == 0, stderr[-3000:]
-    assert HEADERS[script] in stdout, stdout[-3000:]
+    for expected in HEADERS[script]:
+        assert expected in stdout, stdout[-3000:]
+
+
+def test_bench_ddp_quick_run_reports_both_workloads(tmp_path):
+    """Alone, not beside the others: each of its launches starts 2 processes on the 2 cores."""
+    out = tmp_path / "figures.json"
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "bench_ddp.py"), "--quick", "--json", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("| variant | ms/step median | min-max | vs plain accelerate |") == 2, done.stdout[-3000:]
+    figures = json.loads(out.read_text())
+    assert sorted(figures) == ["compute", "tiny"]
+    for variants in figures.values():
+        assert sorted(variants) == ["plain", "trainer"]
+        assert all(value > 0 for figure in variants.values() for values in figure.values() for value in values), variants
 
 
 def test_fault_campaign_quick_run_loses_nothing(tmp_path):
