@@ -159,3 +159,20 @@ def build_model(options: ModelOptions) -> nn.Module:
     if not fits:
         raise ConfigError(f"model_options.kwargs do not fit {options.name} ({cls.__name__}{inspect.signature(cls)}): {problem}.")
     return cls(**options.kwargs)
+
+
+def from_config(options: ModelOptions | None, task: str, data_info: dict, model_dir=None) -> tuple[nn.Module, ModelOptions]:
+    """The model_options model and its resolved options: a built-in or imported class sized from
+    the data, or a transformers model (hf.py; `model_dir` is its local directory, if any).
+
+    Raises:
+        ConfigError: no model_options, or options that do not fit the model or the data.
+    """
+    if options is None:
+        raise ConfigError("model_options: no model given; set model_options.name (e.g. \"mlp\") or pass a model to the trainer.")
+    from . import hf
+
+    if hf.uses_transformers(options):
+        return hf.build_model(options, task, data_info, model_dir)
+    resolved = resolve(options, data_info)
+    return build_model(resolved), resolved

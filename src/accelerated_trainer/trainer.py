@@ -13,8 +13,6 @@ from __future__ import annotations
 import inspect
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 from typing import Any, Callable, Literal
 
 import torch
@@ -29,59 +27,13 @@ from .imports import import_object
 from .loss import BatchLoss, ModelError, as_per_sample, binary_threshold, build_loss
 from .evaluation import Evaluator
 from .metrics import TrainWindow, build_metrics
-from .models import build_model
-from .models import resolve as resolve_model
+from .models import from_config
 from .optim import OptimizerStep, build_optimizer, steps_every_micro_batch
 from .preemption import StopRequest
+from .run_state import NonFiniteLossError, TrainingState, TrainResult
 from .tracking import Progress, Tracker, configure_console, say, summary
 
 __all__ = ["AcceleratedTrainer", "ModelError", "NonFiniteLossError", "Trainer", "TrainResult", "TrainingState"]
-
-
-@dataclass
-class TrainingState:
-    """Where training is: resumable, saved in every `last` checkpoint."""
-
-    step: int = 0  # optimizer steps done
-    epoch: int = 0  # current epoch, 0-based
-    samples_in_epoch: int = 0  # samples of the current epoch consumed, all processes together
-    samples_seen: int = 0  # training samples consumed in the whole run
-    skipped_steps: int = 0  # optimizer steps skipped for a non-finite gradient (nonfinite_loss: skip)
-    run_id: str | None = None  # the tracker run continued on resume
-    num_processes: int = 1
-
-    def state_dict(self) -> dict:
-        return asdict(self)
-
-    def load_state_dict(self, state: dict) -> None:
-        # A checkpoint's state.json holds other states beside these keys.
-        for key in (f.name for f in fields(self)):
-            if key in state:
-                setattr(self, key, state[key])
-
-
-@dataclass
-class TrainResult:
-    """What `train()` returns."""
-
-    run_dir: Path
-    monitor: str
-    best_metric: float | None
-    best_checkpoint: Path | None
-    last_checkpoint: Path | None
-    epochs: int  # epochs completed
-    steps: int  # optimizer steps completed
-    stop_reason: str
-    metrics: dict[str, float] = field(default_factory=dict)  # the last validation metrics
-    preempted: bool = False  # stopped by a signal, Ctrl-C or max_time_s, with `last` saved: resume to go on
-    interrupted: bool = False  # stopped by Ctrl-C (SIGINT)
-    save_error: str | None = None  # on_save_error "continue": why the final state is not in `last`
-    weights: Literal["best", "last"] = "last"  # what the model holds now: best/'s weights (restore_best) or the final ones
-    test_metrics: dict[str, float] = field(default_factory=dict)  # the test split's, scored with `weights`; {} if none
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite (training_options.nonfinite_loss: stop)."""
 
 
 class AcceleratedTrainer:
@@ -133,7 +85,7 @@ class AcceleratedTrainer:
             opts = opts.model_copy(update={"text": opts.text.model_copy(update={"tokenizer": str(self.model_dir)})})
         batch_transform = opts.train_batch_transform and import_object(
             opts.train_batch_transform, "dataset_options.train_batch_transform", kind="function")
-        self._input_names = tuple(_forward_inputs(model))
+        self._input_names = tuple(data.forward_inputs(model))
         with self.accelerator.main_process_first():
             splits = data.load_splits(opts, training.seed, train_dataset, eval_dataset, input_names=self._input_names)
         # What the data decided (feature columns, the tokenizer's inputs, a DataLoader's batch size) goes into config.json.
@@ -177,18 +129,10 @@ class AcceleratedTrainer:
 
     def _build_model(self, model: torch.nn.Module | None, data_info: dict) -> None:
         training, opts = self.config.training_options, self.config.dataset_options
-        if model is None:
-            options = self.config.model_options
-            if options is None:
-                raise ConfigError("model_options: no model given; set model_options.name (e.g. \"mlp\") or pass a model to the trainer.")
-            # The resolved options (input/output sizes from the data) go into config.json and checkpoints.
-            if hf.uses_transformers(options):
-                model, self.config.model_options = hf.build_model(options, training.task, data_info, self.model_dir)
-            else:
-                self.config.model_options = resolve_model(options, data_info)
-                model = build_model(self.config.model_options)
-        else:
-            self.config.model_options = None  # the model given wins; config.json must not claim another
+        # The resolved options (sizes from the data) go into config.json and checkpoints; a model
+        # given wins, and config.json must then claim no other.
+        model, self.config.model_options = (model, None) if model is not None else from_config(
+            self.config.model_options, training.task, data_info, self.model_dir)
         # HF models (and any forward with `labels`) compute their own loss when given the labels.
         # Not packed text's: its labels are already the next tokens, and a causal LM shifts them
         # again (it would learn the token after next); its logits are scored against them here.
@@ -202,7 +146,7 @@ class AcceleratedTrainer:
         self.model_state = hf.model_state(self.accelerator, self.model, opts.text and opts.text.tokenizer)
         self.batch_loss = BatchLoss(self.model, self.loss_fn, pass_labels=pass_labels, task=training.task,
                                     label_column=opts.label_column, ignored_loss=self._chosen_loss)
-        batches = _batches_per_epoch(self.train_loader)
+        batches = data.batches_per_epoch(self.train_loader)
         self.steps_per_epoch = batches and -(-batches // training.gradient_accumulation_steps)
         if self.steps_per_epoch is None and not training.max_steps and training.scheduler.name != "constant":
             raise ConfigError("training_options.max_steps: the training data has no length (an IterableDataset without "
@@ -248,7 +192,7 @@ class AcceleratedTrainer:
         self.last_metrics: dict[str, float] = {}
         self._evaluated_step: int | None = None  # the step of the latest evaluation
         # What samples_in_epoch reaches on an epoch's last micro-batch (counted in full batches).
-        batches = _batches_per_epoch(self.train_loader)
+        batches = data.batches_per_epoch(self.train_loader)
         self._samples_per_epoch = batches * self._samples_per_micro_batch if batches else None
 
     # ------------------------------------------------------------ the run
@@ -424,13 +368,7 @@ class AcceleratedTrainer:
     def _raise_if_nonfinite(self, loss: float) -> None:
         if math.isfinite(loss) or self.config.training_options.nonfinite_loss != "stop":
             return
-        last = self.checkpointer.last
-        kept = f"{self.run_dir / 'last'} (step {last.step}) keeps the last good state" if last else "no checkpoint was written yet"
-        raise NonFiniteLossError(
-            f"the training loss became NaN or infinite at or before step {self.state.step + 1}; {kept}. Lower "
-            "training_options.optimizer.lr, set training_options.max_grad_norm, check the data for NaN/inf, or set "
-            "training_options.nonfinite_loss to \"skip\" to skip such steps."
-        )
+        raise NonFiniteLossError.at(self.state.step + 1, self.checkpointer.last, self.run_dir)
 
     def _evaluate_and_checkpoint(self) -> Stop | None:
         monitor = self.config.training_options.monitor
@@ -501,22 +439,6 @@ class AcceleratedTrainer:
                              "steps": result.steps, "epochs": result.epochs, "seconds": seconds, **test_metrics})
         say(self.accelerator, summary(result, seconds, self.checkpointer.kept))
         return result
-
-
-
-def _forward_inputs(model: torch.nn.Module | None) -> list[str]:
-    """The names of a model's forward parameters after the first: they name the extra inputs of tuple items."""
-    if model is None:
-        return []
-    parameters = list(inspect.signature(model.forward).parameters.values())
-    return [p.name for p in parameters[1:] if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-
-
-def _batches_per_epoch(loader) -> int | None:
-    try:
-        return len(loader)
-    except TypeError:  # an IterableDataset without __len__
-        return None
 
 
 Trainer = AcceleratedTrainer

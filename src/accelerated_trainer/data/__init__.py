@@ -21,13 +21,13 @@ from . import sources
 from .batches import ColumnarBatches, RowByRow
 from .checks import describe, label_names
 from .in_process import InProcessLoader
-from .loader import build_loader, prepare, prepare_loader, with_batch_transform
+from .loader import batches_per_epoch, build_loader, forward_inputs, prepare, prepare_loader, with_batch_transform
 from .padding import PaddedBatches
 from .sampling import EpochSampler
 from .sources import FORMATS, DataError
 from .splits import Splits, load_split, load_splits
 from .torch_data import TorchSplit
 
-__all__ = ["FORMATS", "ColumnarBatches", "DataError", "EpochSampler", "InProcessLoader", "PaddedBatches", "RowByRow", "Splits",
+__all__ = ["FORMATS", "batches_per_epoch", "forward_inputs", "ColumnarBatches", "DataError", "EpochSampler", "InProcessLoader", "PaddedBatches", "RowByRow", "Splits",
            "TorchSplit", "build_loader", "describe", "label_names", "load_split", "load_splits", "prepare", "prepare_loader", "sources",
            "with_batch_transform"]

@@ -5,6 +5,7 @@ its own data an InProcessLoader. This module is the one place that chooses betwe
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import torch
@@ -146,3 +147,18 @@ class TransformedBatches:
 
     def __iter__(self):
         return map(self.transform, self.loader)
+
+
+def forward_inputs(model: torch.nn.Module | None) -> list[str]:
+    """The names of a model's forward parameters after the first: they name the extra inputs of tuple items."""
+    if model is None:
+        return []
+    parameters = list(inspect.signature(model.forward).parameters.values())
+    return [p.name for p in parameters[1:] if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def batches_per_epoch(loader) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:  # an IterableDataset without __len__
+        return None
