@@ -3,8 +3,10 @@
     python bench/fault_campaign.py --trials 30 --trials-2 10     # the README's figures (about 15 minutes)
     python bench/fault_campaign.py --quick                        # smoke run: 1 + 1 trials
 
-Each trial launches the digits job (`configs/digits.json`, 4 epochs, a `last` save every 7 steps
-and at each epoch end, asynchronous saves, no tracker) as a scheduler would, in its own process
+Each trial launches the digits job (`configs/digits.json` with a wider MLP, two hidden layers of
+--width, so that a save takes long enough to be cut short: 52 MB of weights and AdamW state at
+2048; 4 epochs, a `last` save every 7 steps and at each epoch end, asynchronous saves, no
+tracker) as a scheduler would, in its own process
 session, with 1 process (`train.py`) or 2 (`accelerate launch`, gloo). At a random moment
 between --earliest and --latest seconds after the launch (the set-up, the steps, the saves all
 fall in that range) every process of the job is SIGKILLed at once. Then it is resumed
@@ -40,9 +42,13 @@ SETTINGS = ["training_options.n_epochs=4", "training_options.save_every_n_steps=
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 
 
+WIDTH = [2048]  # set by main() from --width
+
+
 def command(run_root: Path, processes: int, port: int, *extra: str) -> list[str]:
     args = ["train.py", "--config", "configs/digits.json", "--set", f"experiment_options.ckpt_dir={run_root}"]
-    args += [a for setting in [*SETTINGS, *extra] for a in ("--set", setting)]
+    settings = [*SETTINGS, f"model_options.kwargs.hidden_dims=[{WIDTH[0]},{WIDTH[0]}]", *extra]
+    args += [a for setting in settings for a in ("--set", setting)]
     if processes == 1:
         return [sys.executable, *args]
     return [ACCELERATE, "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
@@ -132,11 +138,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--earliest", type=float, default=2.0, help="seconds after the launch, at the soonest")
     parser.add_argument("--latest", type=float, default=9.0, help="seconds after the launch, at the latest (x1.6 for 2 processes)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--width", type=int, default=2048, help="the MLP's two hidden layers: larger, longer saves")
     parser.add_argument("--quick", action="store_true", help="1 + 1 trials: a smoke run")
     parser.add_argument("--json", type=Path, default=None, help="also write the per-trial outcomes here")
     args = parser.parse_args(argv)
     if args.quick:
-        args.trials, args.trials_2 = 1, 1
+        args.trials, args.trials_2, args.width = 1, 1, 256
+    WIDTH[0] = args.width
     print(f"fault_campaign: {environment()}")
     rng = random.Random(args.seed)
     rows, outcomes = [], {}
@@ -157,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
             counts = {key: sum(r[key] for r in results) for key in ("mid-save", "lost", "corrupt", "bit-exact")}
             rows.append([str(processes), str(trials), str(counts["mid-save"]), str(counts["lost"]), str(counts["corrupt"]),
                          f"{counts['bit-exact']} / {trials}"])
-    print(f"\n### SIGKILL at a random moment {args.earliest:g}-{args.latest:g} s after the launch, then resume (seed {args.seed})\n")
+    print(f"\n### SIGKILL at a random moment {args.earliest:g}-{args.latest:g} s after the launch, then resume (seed {args.seed}, "
+          f"MLP 64-{args.width}-{args.width}-10)\n")
     print(table(["processes", "trials", "killed mid-save", "lost", "corrupt", "bit-exact"], rows))
     if args.json:
         args.json.write_text(json.dumps(outcomes))

@@ -33,7 +33,7 @@ LAST, PREVIOUS, OLDER, BEST, TOP = "last", "previous", "older", "best", "top"
 SLOTS = (LAST, PREVIOUS, OLDER)
 INDEX = "checkpoints.json"
 # What a fresh run with overwrite removes: the earlier run's checkpoints and what it logged.
-EARLIER_RUN = (*SLOTS, BEST, TOP, INDEX, "metrics.jsonl", "wandb", "tensorboard")
+EARLIER_RUN = (*SLOTS, BEST, TOP, INDEX, "metrics.jsonl", "wandb", "wandb.log", "tensorboard")
 
 
 class RunDir:
