@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = "manifest.json"
+PARALLEL_FSYNC_BYTES = 64 << 20  # seal flushes a checkpoint's files in parallel from this size on
 
 
 class CheckpointError(RuntimeError):
@@ -80,12 +81,18 @@ def seal(directory: Path, checksums: dict[str, str] | None = None) -> None:
     """
     checksums = checksums or {}
     paths = sorted(p for p in directory.iterdir() if p.is_file() and p.name != MANIFEST)
-    # The disk flushes while the CPU sums what is left: both release the GIL.
-    with ThreadPoolExecutor(max_workers=max(len(paths), 1), thread_name_prefix="fsync") as pool:
-        flushed = [pool.submit(_fsync, path) for path in paths]
-        files = {path.name: {"size": path.stat().st_size, "crc32": checksums.get(path.name) or _crc32(path)} for path in paths}
-        for future in flushed:
-            future.result()
+    sizes = {path.name: path.stat().st_size for path in paths}
+    if sum(sizes.values()) < PARALLEL_FSYNC_BYTES:  # a few small files: threads would cost more than they save
+        for path in paths:
+            _fsync(path)
+        files = {path.name: {"size": sizes[path.name], "crc32": checksums.get(path.name) or _crc32(path)} for path in paths}
+    else:
+        # The disk flushes while the CPU sums what is left: both release the GIL.
+        with ThreadPoolExecutor(max_workers=max(len(paths), 1), thread_name_prefix="fsync") as pool:
+            flushed = [pool.submit(_fsync, path) for path in paths]
+            files = {path.name: {"size": sizes[path.name], "crc32": checksums.get(path.name) or _crc32(path)} for path in paths}
+            for future in flushed:
+                future.result()
     write_json(directory / MANIFEST, {"files": files})
     _fsync(directory / MANIFEST)
     _fsync(directory)

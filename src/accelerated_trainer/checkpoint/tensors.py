@@ -12,6 +12,7 @@ import struct
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
@@ -133,19 +134,23 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
             yield memoryview(host_tensor(tensor).reshape(-1).view(torch.uint8).numpy())
 
     crc = 0
+    small = offset < PACED_PIECE  # one piece: summed inline, a thread beside it would cost more than it saves
     # No O_TRUNC: a recycled file (temporary_dir) is overwritten in place, then cut to length.
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
-    with open(descriptor, "wb") as handle, ThreadPoolExecutor(max_workers=1, thread_name_prefix="crc32") as pool:
+    summing = nullcontext() if small else ThreadPoolExecutor(max_workers=1, thread_name_prefix="crc32")
+    with open(descriptor, "wb") as handle, summing as summer:
         for chunk in chunks():
             for start in range(0, max(len(chunk), 1), PACED_PIECE):
                 piece, began = chunk[start:start + PACED_PIECE], time.perf_counter()
-                if factor := pace():
+                factor = 0.0 if small else pace()
+                if small or factor:
                     handle.write(piece)
                     crc = zlib.crc32(piece, crc)
-                    time.sleep(factor * (time.perf_counter() - began))
+                    if factor:
+                        time.sleep(factor * (time.perf_counter() - began))
                     continue
                 # Both the write and zlib.crc32 release the GIL: the piece is summed while it is written.
-                summed = pool.submit(zlib.crc32, piece, crc)
+                summed = summer.submit(zlib.crc32, piece, crc)
                 handle.write(piece)
                 crc = summed.result()
         handle.truncate()
