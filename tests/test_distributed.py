@@ -104,6 +104,7 @@ class _Accelerator:
     ({"ACCELERATE_USE_FSDP": "true"}, "NO", "set up NO instead"),
     ({"ACCELERATE_USE_DEEPSPEED": "true"}, None, "which the trainer does not support"),
     ({"ACCELERATE_USE_DEEPSPEED": "true"}, "DEEPSPEED", "which the trainer does not support"),
+    ({}, "DEEPSPEED", "which the trainer does not support"),  # however accelerate came to set it up
     ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_USE_FSDP": "true"}, "FSDP", "asks for DeepSpeed"),
 ])
 def test_a_launch_that_asked_for_sharding_gets_fsdp_or_is_refused(environ, distributed_type, refusal):

@@ -60,12 +60,9 @@ def build_accelerator(training: TrainingOptions, experiment: ExperimentOptions, 
     return accelerator
 
 
-# What a launch asks for: accelerate launch exports these from an FSDP or DeepSpeed config (or
-# --use_fsdp / --use_deepspeed); accelerate's plugins set them too.
-_REQUESTS = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
-
-
 def _is_set(environ, variable: str) -> bool:
+    """Whether a launch asked for it: accelerate launch exports ACCELERATE_USE_FSDP and
+    ACCELERATE_USE_DEEPSPEED from an FSDP or DeepSpeed config (or --use_fsdp, --use_deepspeed)."""
     return environ.get(variable, "").lower() in ("1", "true", "yes")
 
 
@@ -83,24 +80,23 @@ def check_requested_distribution(accelerator=None, environ=None) -> None:
         ConfigError: what was asked for, what accelerate set up, and what to launch instead.
     """
     environ = os.environ if environ is None else environ
-    asked = [(variable, name) for variable, name in _REQUESTS.items() if _is_set(environ, variable)]
-    if not asked:
-        return
-    variable, name = asked[-1]  # DeepSpeed's refusal first: it holds whatever accelerate would set up
-    if name == "DeepSpeed":
+    got = accelerator and accelerator.distributed_type.value
+    if _is_set(environ, "ACCELERATE_USE_DEEPSPEED") or got == "DEEPSPEED":
         raise ConfigError(
-            f"this launch asks for DeepSpeed ({variable}=true, from a DeepSpeed accelerate config or --use_deepspeed), "
+            "this launch asks for DeepSpeed (a DeepSpeed accelerate config, --use_deepspeed or ACCELERATE_USE_DEEPSPEED=true), "
             "which the trainer does not support: ZeRO partitions the optimizer state over the processes, in DeepSpeed's own "
             "format, so the `last` checkpoint could not be resumed. Shard with FSDP2 instead (accelerate launch "
             "--config_file launch/fsdp_1node_8gpu.yaml): its checkpoints are sharded, pickle-free and resume on any number of GPUs.")
+    if not _is_set(environ, "ACCELERATE_USE_FSDP"):
+        return
     on_cpu = _is_set(environ, "ACCELERATE_USE_CPU")
-    got = accelerator.distributed_type.value if accelerator is not None else ("MULTI_CPU" if on_cpu else None)
+    got = got or ("MULTI_CPU" if on_cpu else None)  # before the Accelerator, ACCELERATE_USE_CPU=1 tells already
     if got is None or got == "FSDP":
         return
     why = ("ACCELERATE_USE_CPU=1 is set, and accelerate enables FSDP only on GPUs" if on_cpu else
            "no GPU is visible to the processes, or they were started without `accelerate launch`")
     raise ConfigError(
-        f"this launch asks for FSDP ({variable}=true, from an accelerate config, --use_fsdp or a plugin) but accelerate set "
+        f"this launch asks for FSDP (ACCELERATE_USE_FSDP=true, from an accelerate config, --use_fsdp or a plugin) but accelerate set "
         f"up {got} instead ({why}): every process would train a whole replica of the model and optimizer, not shards. "
         "Launch with `accelerate launch --config_file launch/fsdp_1node_8gpu.yaml` on machines whose GPUs are visible; to "
         "train data-parallel on CPU, say so with launch/cpu_multiprocess.yaml; to shard on CPU, give the trainer a model "
