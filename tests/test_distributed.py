@@ -93,19 +93,24 @@ class _Accelerator:
         self.distributed_type = DistributedType(distributed_type)
 
 
+FSDP2 = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}  # what accelerate launch exports for launch/fsdp_1node_8gpu.yaml
+
+
 @pytest.mark.parametrize(("environ", "distributed_type", "refusal"), [
     ({}, "MULTI_CPU", None),
     ({"ACCELERATE_USE_FSDP": "false"}, "NO", None),
-    ({"ACCELERATE_USE_FSDP": "true"}, None, None),  # before the Accelerator: nothing tells yet
-    ({"ACCELERATE_USE_FSDP": "true"}, "FSDP", None),
-    ({"ACCELERATE_USE_FSDP": "true", "ACCELERATE_USE_CPU": "1"}, None, "set up MULTI_CPU instead (ACCELERATE_USE_CPU=1 is set"),
-    ({"ACCELERATE_USE_FSDP": "true", "ACCELERATE_USE_CPU": "1"}, "MULTI_CPU", "launch/fsdp_1node_8gpu.yaml"),
-    ({"ACCELERATE_USE_FSDP": "true"}, "MULTI_GPU", "set up MULTI_GPU instead (no GPU is visible"),
-    ({"ACCELERATE_USE_FSDP": "true"}, "NO", "set up NO instead"),
+    (FSDP2, None, None),  # before the Accelerator: nothing tells yet
+    (FSDP2, "FSDP", None),
+    ({"ACCELERATE_USE_FSDP": "true"}, "FSDP", "asks for FSDP version 1 (fsdp_config.fsdp_version"),
+    ({**FSDP2, "FSDP_VERSION": "1"}, None, "Set fsdp_version: 2"),
+    ({**FSDP2, "ACCELERATE_USE_CPU": "1"}, None, "set up MULTI_CPU instead (ACCELERATE_USE_CPU=1 is set"),
+    ({**FSDP2, "ACCELERATE_USE_CPU": "1"}, "MULTI_CPU", "launch/fsdp_1node_8gpu.yaml"),
+    (FSDP2, "MULTI_GPU", "set up MULTI_GPU instead (no GPU is visible"),
+    (FSDP2, "NO", "set up NO instead"),
     ({"ACCELERATE_USE_DEEPSPEED": "true"}, None, "which the trainer does not support"),
     ({"ACCELERATE_USE_DEEPSPEED": "true"}, "DEEPSPEED", "which the trainer does not support"),
     ({}, "DEEPSPEED", "which the trainer does not support"),  # however accelerate came to set it up
-    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_USE_FSDP": "true"}, "FSDP", "asks for DeepSpeed"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", **FSDP2}, "FSDP", "asks for DeepSpeed"),
 ])
 def test_a_launch_that_asked_for_sharding_gets_fsdp_or_is_refused(environ, distributed_type, refusal):
     from accelerated_trainer.config import ConfigError

@@ -67,9 +67,10 @@ def _is_set(environ, variable: str) -> bool:
 
 
 def check_requested_distribution(accelerator=None, environ=None) -> None:
-    """Refuse a launch that asked for FSDP but does not get it, and every DeepSpeed launch.
+    """Refuse a launch that asked for FSDP but does not get FSDP2, and every DeepSpeed launch.
 
-    accelerate enables FSDP only on GPUs: under ACCELERATE_USE_CPU=1, with no GPU visible or
+    The trainer checkpoints FSDP2's DTensor shards; FSDP1 (accelerate's default fsdp_version)
+    flattens parameters, which it cannot. accelerate enables FSDP only on GPUs: under ACCELERATE_USE_CPU=1, with no GPU visible or
     without a launcher, an FSDP config trains as plain data parallel (every process holds the
     whole model and optimizer) and says nothing. DeepSpeed is refused outright: ZeRO partitions
     the optimizer state in DeepSpeed's own format, which no checkpoint of this trainer holds, so
@@ -89,6 +90,11 @@ def check_requested_distribution(accelerator=None, environ=None) -> None:
             "--config_file launch/fsdp_1node_8gpu.yaml): its checkpoints are sharded, pickle-free and resume on any number of GPUs.")
     if not _is_set(environ, "ACCELERATE_USE_FSDP"):
         return
+    if (version := environ.get("FSDP_VERSION", "1")) != "2":  # accelerate's default is FSDP1
+        raise ConfigError(
+            f"this launch asks for FSDP version {version} (fsdp_config.fsdp_version in the accelerate config; 1 when it is not "
+            "set), whose flattened parameters the trainer cannot checkpoint shard by shard, so `last` could not be resumed. "
+            "Set fsdp_version: 2 (FSDP2, as launch/fsdp_1node_8gpu.yaml does).")
     on_cpu = _is_set(environ, "ACCELERATE_USE_CPU")
     got = got or ("MULTI_CPU" if on_cpu else None)  # before the Accelerator, ACCELERATE_USE_CPU=1 tells already
     if got is None or got == "FSDP":

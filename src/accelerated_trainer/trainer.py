@@ -5,7 +5,7 @@ resume are the Checkpointer's (checkpoint/), when to stop early EarlyStopping's,
 TrainWindow's (metrics.py), the optimizer step and its non-finite policy OptimizerStep's
 (optim.py), stop requests from signals and time budgets StopRequest's (preemption.py), scoring
 and predicting the Evaluator's (evaluation.py). Device
-placement, DDP/FSDP/DeepSpeed, mixed precision and gradient accumulation are accelerate's.
+placement, DDP/FSDP, mixed precision and gradient accumulation are accelerate's.
 """
 
 from __future__ import annotations
