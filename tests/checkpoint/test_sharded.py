@@ -194,6 +194,7 @@ def test_unlisted_or_missing_shards_are_refused(tmp_path, accelerator):
     last = run_dir / "last"
     # A safetensors file sharded.json does not list: DCP's reader would merge it into the checkpoint.
     shutil.copy(last / SHARD, last / "extra.safetensors")
+    assert files.verify(last) == f"{last / 'extra.safetensors'} is not in manifest.json (a file added after the checkpoint was sealed)"
     with pytest.raises(files.CheckpointError, match=r"does not list \(\['extra\.safetensors'\]\)"):
         checkpointer.load(last)
     (last / "extra.safetensors").unlink()
