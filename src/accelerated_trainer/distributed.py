@@ -70,9 +70,9 @@ def check_requested_distribution(accelerator=None, environ=None) -> None:
     """Refuse a launch that asked for FSDP but does not get FSDP2, and every DeepSpeed launch.
 
     The trainer checkpoints FSDP2's DTensor shards; FSDP1 (accelerate's default fsdp_version)
-    flattens parameters, which it cannot. accelerate enables FSDP only on GPUs: under ACCELERATE_USE_CPU=1, with no GPU visible or
-    without a launcher, an FSDP config trains as plain data parallel (every process holds the
-    whole model and optimizer) and says nothing. DeepSpeed is refused outright: ZeRO partitions
+    flattens parameters, which it cannot. accelerate enables FSDP only on GPUs: under
+    ACCELERATE_USE_CPU=1, with no GPU visible or without a launcher, an FSDP config trains as
+    plain data parallel (every process holds the whole model and optimizer) and says nothing. DeepSpeed is refused outright: ZeRO partitions
     the optimizer state in DeepSpeed's own format, which no checkpoint of this trainer holds, so
     a `last` checkpoint could not be resumed. Called without an accelerator (what the
     environment tells) before accelerate builds one, and with it afterwards.

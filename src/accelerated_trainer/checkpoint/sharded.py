@@ -100,8 +100,8 @@ class ShardedStore:
 
         live, scalars = _saveable_state(states[MODEL].module, states[OPTIMIZER])
         if asynchronous:
-            live = {key: value if _is_dtensor(value) or not key.startswith(MODEL_PREFIX) else tensors.host_tensor(value, copy=True)
-                    for key, value in live.items()}
+            buffers = {key for key, value in live.items() if key.startswith(MODEL_PREFIX) and not _is_dtensor(value)}
+            live = {key: tensors.host_tensor(value, copy=True) if key in buffers else value for key, value in live.items()}
         rngs = gather_rngs(self.accelerator, states)
         self._side_group()  # collective, at the first save
         main = self.accelerator.is_main_process
