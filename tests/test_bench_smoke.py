@@ -74,3 +74,13 @@ def test_fault_campaign_quick_run_loses_nothing(tmp_path):
     assert sorted(outcomes) == ["1", "2"]
     for trials in outcomes.values():
         assert all(not t["lost"] and not t["corrupt"] and t["bit-exact"] for t in trials), trials
+
+
+def test_bench_sharded_save_quick_run_prints_its_table():
+    """Alone, not beside the others: it starts 2 processes on the 2 cores."""
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "bench_sharded_save.py"), "--quick"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| variant | MB on disk | blocking ms median | min-max | durable s median | min-max | vs dcp.save |" in done.stdout
+    for variant in ("dcp.save, default FileSystemWriter", "accelerated_trainer sharded last (safetensors", "sharded last, async_save"):
+        assert variant in done.stdout, done.stdout[-3000:]

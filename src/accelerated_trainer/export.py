@@ -5,7 +5,7 @@
 
 The export directory holds model.safetensors, trainer_config.json (the run's resolved config,
 whose model_options rebuild the model) and meta.json, sealed with a manifest like every
-checkpoint. For a transformers model it is also a save_pretrained directory: the model's own
+checkpoint. The weights of a sharded `last` are put together from its shards. For a transformers model it is also a save_pretrained directory: the model's own
 config.json and the tokenizer's files, which AutoModel*.from_pretrained and
 AutoTokenizer.from_pretrained open.
 """
@@ -33,13 +33,20 @@ def export_model(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "be
     """
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     source = run_dir / checkpoint
-    if not (source / WEIGHTS).is_file():
+    shards = _shard_files(source)
+    if not (source / WEIGHTS).is_file() and shards is None:
         raise ConfigError(f"export: {source} holds no {WEIGHTS}; choose best, last or a top/... entry of {run_dir / 'checkpoints.json'}.")
     if reason := files.verify(source):
         raise ConfigError(f"export: {source} does not verify ({reason}); export another checkpoint.")
     tmp = files.temporary_dir(out_dir)
+    if shards is not None:  # a sharded `last`: its weights put together
+        from .checkpoint import tensors
+        from .checkpoint.store import read_weights
+
+        tensors.write_tensors(tmp / WEIGHTS, read_weights(source), metadata={"format": "pt"})
+    skipped = {*_NOT_EXPORTED, *(shards or ())}
     for path in source.iterdir():  # the weights, and a transformers model's config and tokenizer files
-        if path.is_file() and path.name not in _NOT_EXPORTED and not path.name.startswith("rng-rank"):
+        if path.is_file() and path.name not in skipped and not path.name.startswith("rng-rank"):
             shutil.copy2(path, tmp / path.name)
     shutil.copy2(run_dir / "config.json", tmp / TRAINER_CONFIG)
     meta = files.read_json(source / "meta.json") if (source / "meta.json").is_file() else files.read_json(source / "state.json")
@@ -47,6 +54,15 @@ def export_model(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "be
     files.seal(tmp)
     files.publish(tmp, out_dir)
     return out_dir
+
+
+def _shard_files(source: Path) -> list[str] | None:
+    """The files of a sharded checkpoint (its shards and sharded.json), or None for another one."""
+    from .checkpoint.sharded import SHARDED, is_sharded_checkpoint
+
+    if not is_sharded_checkpoint(source):
+        return None
+    return [SHARDED, *files.read_json(source / SHARDED)["shards"]]
 
 
 def load_exported(directory: str | Path, model=None):

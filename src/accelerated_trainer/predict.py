@@ -22,6 +22,7 @@ from pathlib import Path
 from .config import ConfigError, TrainerConfig
 
 WEIGHTS = "model.safetensors"  # checkpoint.store.WEIGHTS, without importing torch for a bad argument
+SHARDED = "sharded.json"  # checkpoint.sharded.SHARDED: a sharded `last`, its weights put together from the shards
 
 
 def predict_file(run_dir: str | Path, data_file: str | Path, out: str | Path, checkpoint: str = "best",
@@ -36,7 +37,7 @@ def predict_file(run_dir: str | Path, data_file: str | Path, out: str | Path, ch
     run_dir, out = Path(run_dir), Path(out)
     config = _run_config(run_dir)
     source = run_dir / checkpoint
-    if not (source / WEIGHTS).is_file():
+    if not ((source / WEIGHTS).is_file() or (source / SHARDED).is_file()):
         raise ConfigError(f"--checkpoint: {source} holds no {WEIGHTS}; choose best, last or a top/... entry of "
                           f"{run_dir / 'checkpoints.json'}.")
     if out.suffix != ".parquet":

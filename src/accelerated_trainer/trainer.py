@@ -5,7 +5,7 @@ resume are the Checkpointer's (checkpoint/), when to stop early EarlyStopping's,
 TrainWindow's (metrics.py), the optimizer step and its non-finite policy OptimizerStep's
 (optim.py), stop requests from signals and time budgets StopRequest's (preemption.py), scoring
 and predicting the Evaluator's (evaluation.py). Device
-placement, DDP/FSDP/DeepSpeed, mixed precision and gradient accumulation are accelerate's.
+placement, DDP/FSDP, mixed precision and gradient accumulation are accelerate's.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from . import data, hf
 from .checkpoint import Checkpointer, RunSignature, files, load_weights_dir
 from .checkpoint.states import MODEL, OPTIMIZER, TRAINER
 from .config import ConfigError, TrainerConfig, load_config
-from .distributed import build_accelerator
+from .distributed import build_accelerator, is_sharded
 from .early_stopping import EarlyStopping, Stop
 from .imports import import_object
 from .loss import BatchLoss, ModelError, as_per_sample, binary_threshold, build_loss
@@ -139,8 +139,11 @@ class AcceleratedTrainer:
         # Read before `prepare`: a DDP wrapper's forward takes only *args, **kwargs.
         packed = opts.text is not None and training.task == "language_modeling"
         pass_labels = "labels" in inspect.signature(model.forward).parameters and not packed
+        # A model sharded already (torch's fully_shard) is left as it is: accelerate would wrap it
+        # in DDP (all-reducing what FSDP reduces itself) or shard it again.
         self.model, self.optimizer, self.train_loader, self.eval_loader = data.prepare(
-            self.accelerator, model, build_optimizer(training.optimizer, model), self.train_loader, self.eval_loader)
+            self.accelerator, model, build_optimizer(training.optimizer, model), self.train_loader, self.eval_loader,
+            prepare_model=not is_sharded(model))
         if self._batch_transform:
             self.train_loader = data.with_batch_transform(self.train_loader, self._batch_transform)
         self.model_state = hf.model_state(self.accelerator, self.model, opts.text and opts.text.tokenizer)

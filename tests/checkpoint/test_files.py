@@ -61,6 +61,13 @@ def test_verify_reads_the_sha256_manifests_of_earlier_versions(sealed):
     assert reason is not None and "state.safetensors" in reason and "sha256" in reason
 
 
+def test_verify_reports_a_tensor_file_added_after_the_seal(sealed):
+    # A sharded checkpoint's reader takes every safetensors file of its directory.
+    (sealed / "shard-00009-model-00001-of-00001.safetensors").write_bytes((sealed / "state.safetensors").read_bytes())
+    reason = files.verify(sealed)
+    assert reason is not None and "shard-00009" in reason and "not in manifest.json" in reason
+
+
 def test_verify_reports_a_missing_file(sealed):
     (sealed / "meta.json").unlink()
     reason = files.verify(sealed)

@@ -4,6 +4,8 @@ monitored metric.
     checkpointer  Checkpointer: when to save what, what a failed write does, resuming
     states        the registry {name: Stateful}: adapters for the model's weights and the RNG
     store         a full checkpoint directory: which state goes to which file
+    sharded       a sharded checkpoint directory (FSDP2): every process writes its shards through
+                  torch.distributed.checkpoint's safetensors storage, any number of processes reads them
     run_dir       the run directory: names, index, the run lock, finding a resumable checkpoint,
                   whether a fresh run may start (without torch), what changed since
     top_k         the top-k decision

@@ -78,7 +78,7 @@ class PendingSave:
     """
 
     def __init__(self, previous_last: Any, attempt: Callable[[Callable[[], None], Callable[[], float]], str | None] | None,
-                 dest: Path, cleanup: Path, intact: str, pace_for: float = 0.0):
+                 dest: Path, cleanup: Path | None, intact: str, pace_for: float = 0.0):
         self.previous_last, self.dest, self.cleanup, self.intact = previous_last, dest, cleanup, intact
         self.captured = threading.Event()  # set once the optimizer step may change the saved tensors
         self.crash: BaseException | None = None  # an error other than a failed write (a bug, out of memory)
@@ -101,7 +101,8 @@ class PendingSave:
             self._error = attempt(self.captured.set, self.pause)
         except BaseException as err:  # reported like a failed write, with this as its cause
             self.crash = err
-            shutil.rmtree(self.cleanup, ignore_errors=True)
+            if self.cleanup is not None:  # the main process's temporary directory
+                shutil.rmtree(self.cleanup, ignore_errors=True)
             self._error = f"writing the checkpoint {self.dest} failed: {type(err).__name__}: {err}. {self.intact}"
         finally:
             self.captured.set()  # a failed write must not hold training

@@ -9,12 +9,14 @@ The trainer calls it at a few points (torchtitan's shape):
     on_evaluation(metrics, epoch, step)   top-k and best by the monitored metric
     finish(epoch, step)               `last` unless already saved at this step, then wait for it
 
-It saves a registry {name: Stateful} (states.py) through a store (store.py) into the layout of
-run_dir.py. Every directory is sealed with a manifest and renamed into place only when
-complete; an old checkpoint is deleted only after its replacement is in place. The one
-exception is `previous`: a save of `last` overwrites its files in place (files.temporary_dir),
-so while a save is in flight, or after one failed, `last` is the only full state, as it is
-before the second save. `last` itself is never touched until the new one is complete.
+It saves a registry {name: Stateful} (states.py) through a store into the layout of run_dir.py:
+FullStore (store.py), written by the main process, or for a sharded model (DTensor parameters,
+FSDP2) ShardedStore (sharded.py), every process writing its shards; each checkpoint is read by
+the store of its own kind, whatever the model is now. Every directory is sealed with a
+manifest and renamed into place only when complete; an old checkpoint is deleted only after
+its replacement is in place. A save of `last` is written into a slot without a complete
+checkpoint, or over `older` (files.temporary_dir), so while a save is in flight, or after one
+failed, `last` and `previous` are both whole; the slots shift only once it is sealed.
 
 A failed write (disk full, permission denied) is a CheckpointError on every process; under
 on_save_error "continue" it is reported and training goes on, under "stop" it is raised.
@@ -37,7 +39,8 @@ from .async_writer import PendingSave
 from .files import CheckpointError
 from .run_dir import BEST, INDEX, LAST, SLOTS, RunDir, RunLock, RunSignature
 from .states import MODEL, RNG, RNGState
-from .store import TENSOR_FILES, WEIGHTS, FullStore, write_weights_dir
+from .sharded import ShardedStore, is_sharded_checkpoint
+from .store import WEIGHTS, FullStore, write_weights_dir
 from .top_k import Entry, select_top_k
 
 __all__ = ["INDEX", "WEIGHTS", "Checkpointer"]
@@ -48,7 +51,8 @@ class Checkpointer:
 
     Args:
         run_dir: the run directory.
-        accelerator: the run's Accelerator; only its main process writes files.
+        accelerator: the run's Accelerator; only its main process writes files (and, for a
+            sharded model, each process its own shards).
         options: the checkpoint settings (config.checkpoint).
         states: the resumable state, {name: Stateful}; must hold "model" (a ModelState) and
             "optimizer". The Checkpointer adds each process's RNG, its own lists and `signature`.
@@ -66,7 +70,7 @@ class Checkpointer:
         if signature is not None:
             self.states["run"] = signature
         self.signature, self.guard = signature, guard
-        self.store = FullStore(accelerator)
+        self.store = ShardedStore(accelerator) if states[MODEL].sharded else FullStore(accelerator)
         self.kept: list[Entry] = []
         self.best: Entry | None = None
         self.last: Entry | None = None
@@ -226,12 +230,9 @@ class Checkpointer:
         index = self._index()
 
         def write(captured: Callable[[], None], pause: float | Callable[[], float]) -> None:
-            recycle = self._slot_to_rewrite()
-            try:
-                files.temporary_dir(dest, recycle=recycle, keep=TENSOR_FILES)
-            finally:  # the slot rewritten no longer holds a checkpoint, whatever happens next
-                self._good = [name for name in self._good if recycle is None or name != recycle.name]
-            checksums = self.store.write(capture, tmp, captured, pause)
+            checksums = self.store.write(capture, tmp, captured, pause, prepare=lambda: self._prepare_slot(dest))
+            if not self.accelerator.is_main_process:  # a sharded store's other process: its shards are written
+                return
             # No read-back verify here: right after writing it would hash the page cache, not the
             # disk. Resume verifies every file against the manifest.
             files.seal(tmp, checksums)
@@ -243,22 +244,33 @@ class Checkpointer:
             self._good = [path.name for path in placed]
             files.atomic_write_json(self.run_dir / INDEX, index)
 
+        writes_here = self.accelerator.is_main_process or self.store.collective
+        cleanup = tmp if self.accelerator.is_main_process else None  # the main process's directory
         if asynchronous:
             attempt = None
-            if self.accelerator.is_main_process:
-                attempt = lambda captured, pause: self._attempt(lambda: write(captured, pause), dest, cleanup=tmp)  # noqa: E731
+            if writes_here:
+                attempt = lambda captured, pause: self._attempt(lambda: write(captured, pause), dest, cleanup)  # noqa: E731
             # Paced for half the time since the save before (not at all the first time): it ends before the next.
             now, before = time.perf_counter(), self._last_async_save_at
             self._last_async_save_at = now
             pace_for = 0.5 * (now - before) if before is not None else 0.0
-            self._pending = PendingSave(previous_last, attempt, dest, tmp, _what_is_intact(dest), pace_for)
+            self._pending = PendingSave(previous_last, attempt, dest, cleanup, _what_is_intact(dest), pace_for)
             return dest
         try:
-            self._on_main(lambda: write(lambda: None, 0.0), dest, cleanup=tmp)
+            self._on_main(lambda: write(lambda: None, 0.0), dest, cleanup=tmp, everywhere=self.store.collective)
         except CheckpointError:
             self.last = previous_last
             raise
         return dest
+
+    def _prepare_slot(self, dest: Path) -> None:
+        """Make the temporary directory of a `last` save (main process): the slot to rewrite,
+        emptied but for what the store overwrites in place, or a new directory."""
+        recycle = self._slot_to_rewrite()
+        try:
+            files.temporary_dir(dest, recycle=recycle, keep=self.store.REWRITTEN_IN_PLACE)
+        finally:  # the slot rewritten no longer holds a checkpoint, whatever happens next
+            self._good = [name for name in self._good if recycle is None or name != recycle.name]
 
     def _slot_to_rewrite(self) -> Path | None:
         """Where the next `last` is written: a slot without a complete checkpoint (a damaged one
@@ -288,9 +300,11 @@ class Checkpointer:
             self.last = pending.previous_last
             raise CheckpointError(error) from pending.crash
 
-    def _on_main(self, action, dest: Path, cleanup: Path | None = None) -> None:
-        """Run a write on the main process; every process learns whether it failed."""
-        error = self._attempt(action, dest, cleanup) if self.accelerator.is_main_process else None
+    def _on_main(self, action, dest: Path, cleanup: Path | None = None, everywhere: bool = False) -> None:
+        """Run a write on the main process (`everywhere`: on every process, a collective one whose
+        `cleanup` is the main process's); every process learns whether it failed."""
+        main = self.accelerator.is_main_process
+        error = self._attempt(action, dest, cleanup if main else None) if main or everywhere else None
         # Also the barrier after each write: no process goes on before the checkpoint is complete.
         if error := first_error(self.accelerator, error):
             raise CheckpointError(error)
@@ -390,7 +404,8 @@ class Checkpointer:
 
         Returns what the checkpoint's state.json held (the training state's keys at the top).
         """
-        saved = self.store.read(Path(directory), self.states)
+        store = ShardedStore(self.accelerator) if is_sharded_checkpoint(directory) else FullStore(self.accelerator)
+        saved = store.read(Path(directory), self.states)
         self._reconcile()
         return saved
 

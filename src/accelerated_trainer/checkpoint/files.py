@@ -107,6 +107,10 @@ def verify(directory: Path) -> str | None:
         files = read_json(manifest)["files"]
     except (ValueError, KeyError) as err:
         return f"{manifest} is unreadable: {err}"
+    # A tensor file the manifest does not list would be read as part of a sharded checkpoint
+    # (DCP's reader takes every safetensors file of its directory).
+    if unlisted := sorted(path.name for path in directory.glob("*.safetensors") if path.name not in files):
+        return f"{directory / unlisted[0]} is not in {MANIFEST} (a file added after the checkpoint was sealed)"
     for name, expected in files.items():
         path = directory / name
         if not path.is_file():

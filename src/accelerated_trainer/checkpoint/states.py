@@ -15,6 +15,8 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from ..distributed import is_sharded
+
 MODEL, OPTIMIZER, RNG, TRAINER = "model", "optimizer", "rng", "trainer"
 
 
@@ -30,11 +32,15 @@ class ModelState:
 
     Tied weights share one storage; they are stored under one name (the first in the model's
     state dict) and re-tied on load. Under FSDP and DeepSpeed, `state_dict` is collective:
-    accelerate gathers the full weights onto the main process.
+    accelerate gathers the full weights onto the main process. A sharded model (DTensor
+    parameters: FSDP2, torch's fully_shard) is gathered by torch.distributed.checkpoint's
+    get_model_state_dict, whatever accelerate's state-dict setting, and loaded from full
+    weights by every process keeping its shards.
     """
 
     def __init__(self, accelerator, model: torch.nn.Module):
         self.accelerator, self.model = accelerator, model
+        self.sharded = is_sharded(self.module)  # decided once: a model stays sharded or not for the run
 
     @property
     def module(self) -> torch.nn.Module:
@@ -42,6 +48,12 @@ class ModelState:
         return self.accelerator.unwrap_model(self.model)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """The full weights on the main process ({} on the others under FSDP2)."""
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            return one_entry_per_storage(get_model_state_dict(self.module, options=options))
         return one_entry_per_storage(self.accelerator.get_state_dict(self.model))
 
     def write_pretrained_files(self, directory) -> None:
@@ -49,9 +61,11 @@ class ModelState:
         nothing here; a transformers model's config and tokenizer (hf.PretrainedModelState)."""
 
     def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Raises:
+        """Load full weights (every process the same).
+
+        Raises:
             KeyError: the weights do not fit the model (names missing or unexpected)."""
-        missing, unexpected = load_weights(self.module, state_dict)
+        missing, unexpected = load_weights(self.module, state_dict, sharded=self.sharded)
         if missing or unexpected:
             raise KeyError(f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
 
@@ -69,18 +83,27 @@ def one_entry_per_storage(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 def _alias_key(tensor: torch.Tensor) -> tuple | None:
     """Equal for two names of the same tensor memory (tied weights); None for empty tensors."""
+    if hasattr(tensor, "to_local"):  # a DTensor: its local shard is what has memory
+        tensor = tensor.to_local()
     if tensor.numel() == 0:
         return None
     return tensor.device, tensor.data_ptr(), tensor.shape, tensor.stride(), tensor.dtype
 
 
-def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], sharded: bool = False) -> tuple[list[str], list[str]]:
     """Load weights stored one entry per storage; (missing, unexpected) names.
 
     A name the file lacks is not missing when it shares its storage with a name the file has:
-    loading that one fills both (safetensors' load_model does the same).
+    loading that one fills both (safetensors' load_model does the same). `sharded`: the model's
+    parameters are DTensors, each process keeps its shards of the full weights.
     """
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        missing, unexpected = set_model_state_dict(model, weights, options=options)
+    else:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
     groups = defaultdict(set)
     for name, tensor in model.state_dict().items():
         groups[_alias_key(tensor) or name].add(name)

@@ -1,4 +1,6 @@
-"""A full checkpoint: every registered state in one directory, written by the main process.
+"""A full checkpoint: every registered state in one directory, written by the main process (the
+store of unsharded models; sharded.py holds the store of sharded ones, and the parts both share
+are at the end of this module).
 
     model.safetensors       the weights, each storage once (tied weights re-tied on load)
     optimizer.safetensors   the optimizer's tensors; optimizer.json the rest of its state
@@ -34,7 +36,7 @@ from .states import MODEL, OPTIMIZER, RNG, TRAINER, ModelState
 WEIGHTS = "model.safetensors"
 STATE = "state.json"
 META = "meta.json"  # a weights directory's epoch, step and metrics
-TENSOR_FILES = (WEIGHTS, f"{OPTIMIZER}.safetensors")  # the bulk of a checkpoint, rewritten in place by a later save
+TENSOR_FILES = (WEIGHTS, f"{OPTIMIZER}.safetensors")  # the bulk of a checkpoint
 _OWN_FILES = (MODEL, OPTIMIZER, RNG)  # states with files of their own; the rest go to state.json
 
 
@@ -57,7 +59,10 @@ class Capture:
 
 
 class FullStore:
-    """Writes and reads full checkpoints of a registry {name: Stateful}."""
+    """Writes and reads full checkpoints of a registry {name: Stateful}: the main process writes them."""
+
+    collective = False  # only the main process calls write()
+    REWRITTEN_IN_PLACE = TENSOR_FILES  # a recycled slot keeps these files: overwritten in place (files.temporary_dir)
 
     def __init__(self, accelerator):
         self.accelerator = accelerator
@@ -71,12 +76,7 @@ class FullStore:
         copy; buffers (which a forward may update) are copied now.
         """
         model_weights = states[MODEL].state_dict()
-        rng = states[RNG].state_dict() if RNG in states else None
-        rngs = {self.accelerator.process_index: rng} if rng is not None else {}
-        if self.accelerator.num_processes > 1:
-            from accelerate.utils import gather_object
-
-            rngs = dict(gather_object([(self.accelerator.process_index, rng)])) if rng is not None else {}
+        rngs = gather_rngs(self.accelerator, states)
         if not self.accelerator.is_main_process:
             return Capture({}, None, {}, "", {})
         weights = {name: tensors.host_tensor(value) if not asynchronous else value.detach() for name, value in model_weights.items()}
@@ -90,16 +90,12 @@ class FullStore:
             live = {name for name, tensor in weights.items() if tensor.data_ptr() in parameters}
             for name in weights.keys() - live:
                 weights[name] = tensors.host_tensor(weights[name], copy=weights[name].data_ptr() in buffers)
-        json_states = {}
-        for name, state in states.items():
-            if name not in _OWN_FILES:
-                json_states.update(state.state_dict() if name == TRAINER else {name: state.state_dict()})
-        return Capture(weights, skeleton, optimizer_tensors, files.to_json(json_states), rngs, states[MODEL], asynchronous, live)
+        return Capture(weights, skeleton, optimizer_tensors, json_state_text(states), rngs, states[MODEL], asynchronous, live)
 
     def write(self, capture: Capture, directory: Path, captured: Callable[[], None] = lambda: None,
-              pause: float | Callable[[], float] = 0.0) -> dict[str, str]:
-        """Write the files (main process, into the empty or recycled `directory`); return their
-        checksums for the seal.
+              pause: float | Callable[[], float] = 0.0, prepare: Callable[[], None] = lambda: None) -> dict[str, str]:
+        """Write the files (main process) into `directory`, which `prepare()` makes (empty, or a
+        recycled slot keeping REWRITTEN_IN_PLACE); return their checksums for the seal.
 
         `captured()` is called once the live tensors are copied; `pause`: as for tensors.write_tensors.
         """
@@ -108,8 +104,8 @@ class FullStore:
             weights = {**weights, **self.staging.copy({name: weights[name] for name in capture.live}, MODEL)}
             optimizer_tensors = self.staging.copy(optimizer_tensors, OPTIMIZER)
         captured()
-        for index, rng in capture.rngs.items():
-            files.write_json(directory / rng_file(index), rng, indent=None)
+        prepare()
+        write_rngs(directory, capture.rngs)
         checksums = {WEIGHTS: tensors.write_tensors(directory / WEIGHTS, weights, metadata={"format": "pt"}, pause=pause)}
         checksums |= tensors.write_state(capture.optimizer_skeleton, optimizer_tensors, directory, OPTIMIZER, pause=pause)
         (directory / STATE).write_text(capture.state_text)
@@ -120,7 +116,9 @@ class FullStore:
         """Load every registered state from a verified checkpoint; return what state.json held.
 
         A JSON state the checkpoint does not hold (early stopping switched on since) keeps its
-        fresh value; so does the RNG of a process the checkpoint did not have.
+        fresh value; so does the RNG of a process the checkpoint did not have. Into a sharded
+        model (one process's checkpoint resumed on several), every process loads the whole
+        state and keeps its shards.
 
         Raises:
             CheckpointError: the weights do not fit the model.
@@ -130,21 +128,60 @@ class FullStore:
             states[MODEL].load_state_dict(load_file(str(directory / WEIGHTS), device="cpu"))
         except KeyError as err:
             raise CheckpointError(f"{directory / WEIGHTS} does not fit the model: {err.args[0]}.") from None
-        states[OPTIMIZER].load_state_dict(tensors.load_state(directory, OPTIMIZER))
-        saved = files.read_json(directory / STATE)
-        for name, state in states.items():
-            if name == TRAINER:
-                state.load_state_dict(saved)
-            elif name not in _OWN_FILES and saved.get(name) is not None:
-                state.load_state_dict(saved[name])
-        own_rng = directory / rng_file(self.accelerator.process_index)
-        if RNG in states and own_rng.is_file():
-            states[RNG].load_state_dict(files.read_json(own_rng))
-        return saved
+        optimizer_state = tensors.load_state(directory, OPTIMIZER)
+        if states[MODEL].sharded:
+            from .sharded import distribute_optimizer_state
+
+            optimizer_state = distribute_optimizer_state(states[OPTIMIZER], optimizer_state)
+        states[OPTIMIZER].load_state_dict(optimizer_state)
+        return read_json_states(directory, states, self.accelerator.process_index)
 
     def release(self) -> None:
         """Free the staging buffers (after the last save of a run)."""
         self.staging.release()
+
+
+# ---------------------------------------------------------------- what every store writes alike
+
+
+def gather_rngs(accelerator, states: dict) -> dict[int, dict]:
+    """Every process's RNG state by process index, on the main process (collective)."""
+    if RNG not in states:
+        return {}
+    rng = states[RNG].state_dict()
+    if accelerator.num_processes == 1:
+        return {accelerator.process_index: rng}
+    from accelerate.utils import gather_object
+
+    return dict(gather_object([(accelerator.process_index, rng)]))
+
+
+def json_state_text(states: dict) -> str:
+    """state.json: the states without files of their own, the training state's keys at the top."""
+    json_states = {}
+    for name, state in states.items():
+        if name not in _OWN_FILES:
+            json_states.update(state.state_dict() if name == TRAINER else {name: state.state_dict()})
+    return files.to_json(json_states)
+
+
+def write_rngs(directory: Path, rngs: dict[int, dict]) -> None:
+    for index, rng in rngs.items():
+        files.write_json(directory / rng_file(index), rng, indent=None)
+
+
+def read_json_states(directory: Path, states: dict, process_index: int) -> dict:
+    """Load state.json's states and this process's RNG into `states`; return what state.json held."""
+    saved = files.read_json(directory / STATE)
+    for name, state in states.items():
+        if name == TRAINER:
+            state.load_state_dict(saved)
+        elif name not in _OWN_FILES and saved.get(name) is not None:
+            state.load_state_dict(saved[name])
+    own_rng = directory / rng_file(process_index)
+    if RNG in states and own_rng.is_file():
+        states[RNG].load_state_dict(files.read_json(own_rng))
+    return saved
 
 
 def write_weights_dir(dest: Path, weights: dict, meta: dict, model_state=None) -> None:
@@ -160,8 +197,25 @@ def write_weights_dir(dest: Path, weights: dict, meta: dict, model_state=None) -
     files.publish(tmp, dest)
 
 
+def read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """The full weights of a checkpoint directory (CPU tensors by name): its model.safetensors, or
+    its shards put together (a sharded `last`).
+
+    Raises:
+        CheckpointError: the directory holds neither.
+    """
+    directory = Path(directory)
+    if (directory / WEIGHTS).is_file():
+        return load_file(str(directory / WEIGHTS), device="cpu")
+    from .sharded import is_sharded_checkpoint, read_full_weights
+
+    if is_sharded_checkpoint(directory):
+        return read_full_weights(directory)
+    raise CheckpointError(f"{directory} holds no {WEIGHTS}.")
+
+
 def load_weights_dir(directory: Path, model: ModelState) -> None:
-    """Load the weights of a checkpoint directory (best/, top/..., last/) into the model.
+    """Load the weights of a checkpoint directory (best/, top/..., last/, a sharded `last` too) into the model.
 
     The one reader of weights-only directories: restore_best and the predict command load
     through it.
@@ -169,10 +223,8 @@ def load_weights_dir(directory: Path, model: ModelState) -> None:
     Raises:
         CheckpointError: the directory holds no weights, or they do not fit the model.
     """
-    path = Path(directory) / WEIGHTS
-    if not path.is_file():
-        raise CheckpointError(f"{directory} holds no {WEIGHTS}.")
+    weights = read_weights(directory)
     try:
-        model.load_state_dict(load_file(str(path), device="cpu"))
+        model.load_state_dict(weights)
     except KeyError as err:
-        raise CheckpointError(f"{path} does not fit the model: {err.args[0]}.") from None
+        raise CheckpointError(f"{directory} does not fit the model: {err.args[0]}.") from None

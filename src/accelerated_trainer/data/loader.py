@@ -104,13 +104,17 @@ def _dtypes(options: DatasetOptions, dataset) -> dict[str, torch.dtype]:
     return dtypes
 
 
-def prepare(accelerator, model, optimizer, train_loader, eval_loader):
+def prepare(accelerator, model, optimizer, train_loader, eval_loader, *, prepare_model: bool = True):
     """accelerator.prepare for the model, the optimizer and the loaders, in one call (DeepSpeed
     reads the batch size from the loaders); an InProcessLoader is already in place, and a
-    SkippingLoader (torch_data) keeps its place around its prepared DataLoader."""
+    SkippingLoader (torch_data) keeps its place around its prepared DataLoader. Without
+    `prepare_model` the model is left as it is (one sharded already)."""
     given = [loader for loader in (train_loader, eval_loader) if loader is not None and not isinstance(loader, InProcessLoader)]
     loaders = [loader.loader if isinstance(loader, torch_data.SkippingLoader) else loader for loader in given]
-    model, optimizer, *prepared = accelerator.prepare(model, optimizer, *loaders)
+    if prepare_model:
+        model, optimizer, *prepared = accelerator.prepare(model, optimizer, *loaders)
+    else:
+        optimizer, *prepared = accelerator.prepare(optimizer, *loaders)
     for outer, inner in zip(given, prepared):
         if isinstance(outer, torch_data.SkippingLoader):
             outer.loader = inner
