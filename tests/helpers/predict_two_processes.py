@@ -4,6 +4,7 @@ Usage: accelerate launch ... predict_two_processes.py RUN_ROOT OUT N. Rank 0 wri
 predictions and accuracy (gathered to it) to OUT as safetensors: rank0, rank1, accuracy0, accuracy1.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -33,3 +34,8 @@ if trainer.accelerator.is_main_process:
     save_file(tensors, str(out))
 trainer.accelerator.wait_for_everyone()
 trainer.accelerator.end_training()
+# Leave as the CLI does after a run of several processes (cli.run_and_exit): at the
+# interpreter's teardown gloo's threads sometimes abort a process whose run succeeded.
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)
