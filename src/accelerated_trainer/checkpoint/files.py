@@ -93,7 +93,7 @@ def seal(directory: Path, checksums: dict[str, str] | None = None) -> None:
             files = {path.name: {"size": sizes[path.name], "crc32": checksums.get(path.name) or _crc32(path)} for path in paths}
             for future in flushed:
                 future.result()
-    write_json(directory / MANIFEST, {"files": files})
+    write_json(directory / MANIFEST, {"files": files}, indent=None)
     _fsync(directory / MANIFEST)
     _fsync(directory)
 

@@ -162,7 +162,7 @@ def json_state_text(states: dict) -> str:
     for name, state in states.items():
         if name not in _OWN_FILES:
             json_states.update(state.state_dict() if name == TRAINER else {name: state.state_dict()})
-    return files.to_json(json_states)
+    return files.to_json(json_states, indent=None)  # one line: the C encoder (this runs at capture)
 
 
 def write_rngs(directory: Path, rngs: dict[int, dict]) -> None:

@@ -97,7 +97,7 @@ def write_state(skeleton: Any, tensors: dict[str, torch.Tensor], directory: Path
     """Write what split_tensors returned as `{name}.json` plus `{name}.safetensors`; the checksum of
     the latter by file name. `pause`: as for write_tensors."""
     digest = write_tensors(directory / f"{name}.safetensors", tensors, pause=pause)
-    write_json(directory / f"{name}.json", skeleton)
+    write_json(directory / f"{name}.json", skeleton, indent=None)  # one line: the C encoder
     return {f"{name}.safetensors": digest}
 
 
