@@ -16,6 +16,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from accelerated_trainer.checkpoint import INDEX, WEIGHTS, Checkpointer, Entry, ModelState, files, select_top_k, tensors
 from accelerated_trainer.config import CheckpointOptions
+from accelerated_trainer.checkpoint.checkpointer import EPOCH_SAVE_SHARE
 
 NAN = float("nan")
 
@@ -529,8 +530,12 @@ def test_an_epoch_end_save_while_one_is_in_flight_does_not_wait_and_is_taken_aft
     may_write.set()
     while not checkpointer._pending.done():
         time.sleep(0.01)
-    position.state = {"step": 22, "epoch": 2}
-    checkpointer.on_step(epoch=2, step=22)  # the due save, with the newest state
-    checkpointer.finish(epoch=2, step=22)
-    assert (state_step(run_dir / "last"), state_step(run_dir / "previous")) == (22, 10)
-    assert read_index(run_dir)["last"]["step"] == 22
+    checkpointer.on_step(epoch=2, step=22)  # written, but it took all the time since it began: not yet
+    assert state_step(run_dir / "last") == 10 and checkpointer._due
+    while not checkpointer._pending.took_at_most(EPOCH_SAVE_SHARE):
+        time.sleep(0.01)
+    position.state = {"step": 23, "epoch": 2}
+    checkpointer.on_step(epoch=2, step=23)  # the due save, with the newest state
+    checkpointer.finish(epoch=2, step=23)
+    assert (state_step(run_dir / "last"), state_step(run_dir / "previous")) == (23, 10)
+    assert read_index(run_dir)["last"]["step"] == 23

@@ -84,9 +84,12 @@ class PendingSave:
         self.crash: BaseException | None = None  # an error other than a failed write (a bug, out of memory)
         self._error: str | None = None
         self._waited_for = threading.Event()  # the rest is written flat out
-        self._pace_until = time.perf_counter() + pace_for
+        self.began = time.perf_counter()
+        self._ended: float | None = None
+        self._pace_until = self.began + pace_for
         self._future = None
         if attempt is None:
+            self._ended = self.began
             self.captured.set()
         else:
             self._future = writer().submit(self._run, attempt)
@@ -105,11 +108,17 @@ class PendingSave:
                 shutil.rmtree(self.cleanup, ignore_errors=True)
             self._error = f"writing the checkpoint {self.dest} failed: {type(err).__name__}: {err}. {self.intact}"
         finally:
+            self._ended = time.perf_counter()
             self.captured.set()  # a failed write must not hold training
 
     def done(self) -> bool:
         """Whether the write has ended (without waiting for it)."""
         return self._future is None or self._future.done()
+
+    def took_at_most(self, share: float) -> bool:
+        """Whether the write has ended and took at most `share` of the time since it began."""
+        ended = self._ended
+        return ended is not None and self.done() and ended - self.began <= share * (time.perf_counter() - self.began)
 
     def hurry(self) -> None:
         """Write the rest flat out: someone needs the save done (a newer one is due)."""

@@ -45,6 +45,14 @@ from .top_k import Entry, select_top_k
 
 __all__ = ["INDEX", "WEIGHTS", "Checkpointer"]
 
+# An epoch end's asynchronous `last` waits until the save before it took at most this share of
+# the time since that one began: on epochs shorter than a few saves (bench_step.py's small-epochs
+# workload) the background writer then takes a fifth of the run at most, not all of it.
+EPOCH_SAVE_SHARE = 0.2
+# While an epoch end's save waits, several processes agree whether it may go every this many
+# steps (a collective each time); one process asks at every step (no collective).
+DUE_CHECK_EVERY = 8
+
 
 class Checkpointer:
     """Saves and resumes the states of one run directory.
@@ -119,26 +127,29 @@ class Checkpointer:
         if every and step % every == 0:
             self._due = False  # this one holds a newer state than a due epoch end's
             self._save_last_guarded(epoch, step)
-        elif self._due and self._in_flight_done():
+        elif self._due and (self.accelerator.num_processes == 1 or step % DUE_CHECK_EVERY == 0) and self._may_save_again():
             self._due = False
             self._save_last_guarded(epoch, step)
 
     def on_epoch_end(self, epoch: int, step: int) -> None:
         """The epoch end's `last`. Asynchronous, it never waits for the save before it: while that
-        one is still being written (it is hurried on), this one is due, and taken with the state
-        of that moment at the first step after it (the newest state wins), unless a
-        save_every_n_steps save comes first. Steps named by save_every_n_steps are saved at that
-        step; the end of training, an evaluation and a preemption wait for the save in flight."""
-        if self.options.async_save and self._pending is not None and not self._in_flight_done():
+        one is still being written (it is hurried on), or ended less than 1 / EPOCH_SAVE_SHARE of
+        its own time ago, this one is due, and taken with the state of that moment at the first
+        step after that (the newest state wins), unless a save_every_n_steps save comes first.
+        Steps named by save_every_n_steps are saved at that step; the end of training, an
+        evaluation and a preemption wait for the save in flight."""
+        if self.options.async_save and self._pending is not None and not self._may_save_again():
             self._due = True
             self._pending.hurry()
             return
         self._due = False
         self._save_last_guarded(epoch, step)
 
-    def _in_flight_done(self) -> bool:
-        """Whether no save is in flight, agreed (only the main process writes; all decide alike)."""
-        return not any_process(self.accelerator, self._pending is not None and not self._pending.done())
+    def _may_save_again(self) -> bool:
+        """Whether the save before took at most EPOCH_SAVE_SHARE of the time since it began,
+        agreed (only the main process writes; all decide alike)."""
+        waiting = self._pending is not None and not self._pending.took_at_most(EPOCH_SAVE_SHARE)
+        return not any_process(self.accelerator, waiting)
 
     def on_evaluation(self, metrics: dict[str, float], epoch: int, step: int) -> None:
         """Record an evaluation: top-k and best by the monitored metric (the same gathered
