@@ -54,7 +54,11 @@ class ExperimentOptions(_Section):
     and backward run (the next optimizer step waits for that copy only), then writes, flushes
     and publishes the files at a pace that leaves most of the memory bandwidth to training. The
     buffers hold one copy of that state in host memory from the first save to the end of the
-    run; set false where host memory is short, to write on the training thread instead."""
+    run; set false where host memory is short, to write on the training thread instead. On
+    epochs shorter than about ten saves, an epoch end's `last` waits (training does not) until
+    the save before it took at most a tenth of the time since it began, and is then taken at
+    the next step: the writer takes a tenth of the run at most. save_every_n_steps, best and
+    top-k, a preemption and the end of training are saved when due."""
     distributed_timeout_s: float = Field(600, gt=0)
     """How long a collective may wait for another process before the job fails (a dead or hung rank)."""
     preflight_timeout_s: float = Field(300, gt=0)
