@@ -35,6 +35,9 @@ from pathlib import Path
 
 import torch
 from common import REPO, environment, table
+
+sys.path.insert(0, str(REPO / "tests"))
+from helpers.processes import signal_tree  # noqa: E402
 from safetensors.torch import load_file
 
 SETTINGS = ["training_options.n_epochs=4", "training_options.save_every_n_steps=7", "training_options.early_stopping=null",
@@ -59,29 +62,9 @@ def env() -> dict[str, str]:
     return {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
 
 
-def descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError):
-                continue
-            children.setdefault(parent, []).append(int(entry.name))
-    tree, todo = [], [pid]
-    while todo:
-        tree.append(todo.pop())
-        todo += children.get(tree[-1], [])
-    return tree
-
-
 def kill_job(process: subprocess.Popen) -> None:
     """SIGKILL every process of the job at once: the launcher, its workers (own sessions) and theirs."""
-    for pid in descendants(process.pid):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    signal_tree(process.pid, signal.SIGKILL)
     process.wait()
 
 

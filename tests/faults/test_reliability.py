@@ -22,6 +22,7 @@ from accelerated_trainer import AcceleratedTrainer
 
 from conftest import REPO, digits_config
 from fault_helpers import snapshot
+from helpers.processes import process_tree, signal_tree
 
 CRASH_RUN = str(REPO / "tests" / "helpers" / "crash_run.py")
 THEN_WAIT = str(REPO / "tests" / "helpers" / "cli_then_wait.py")
@@ -57,31 +58,6 @@ def wait_for_rows(run_dir: Path, rows: int, process, timeout=120):
         assert process.poll() is None, process.communicate()
         time.sleep(0.05)
     raise TimeoutError(f"{run_dir} did not start training")
-
-
-def process_tree(pid: int) -> list[int]:
-    """pid and every descendant, whatever their process group or session (wandb's service has its own)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError):
-                continue
-            children.setdefault(parent, []).append(int(entry.name))
-    tree, todo = [], [pid]
-    while todo:
-        tree.append(todo.pop())
-        todo += children.get(tree[-1], [])
-    return tree
-
-
-def signal_tree(pid: int, number: int) -> None:
-    for member in process_tree(pid):
-        try:
-            os.kill(member, number)
-        except ProcessLookupError:
-            pass
 
 
 def step_of(checkpoint: Path) -> int:
