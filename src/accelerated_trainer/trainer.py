@@ -17,7 +17,7 @@ from typing import Any, Callable, Literal
 
 import torch
 
-from . import data, hf
+from . import data, hf, host_memory
 from .checkpoint import Checkpointer, RunSignature, files, load_weights_dir
 from .checkpoint.states import MODEL, OPTIMIZER, TRAINER
 from .config import ConfigError, TrainerConfig, load_config
@@ -66,6 +66,8 @@ class AcceleratedTrainer:
         self.run_dir = self.config.run_dir
         self.accelerator = build_accelerator(self.config.training_options, self.config.experiment_options, self.run_dir)
         configure_console(self.accelerator.is_main_process, self.config.experiment_options.progress_bar)
+        if self.accelerator.device.type == "cpu":
+            host_memory.keep_freed_memory()  # the step's tensors live in malloc's heap: reuse, not fresh pages
         data_info, fingerprint = self._build_data(train_dataset, eval_dataset, collate_fn, model)
         self._build_loss(loss_fn)
         if self.binary_threshold is not None and "num_classes" in data_info:
