@@ -24,7 +24,7 @@ TIME_LIMIT = ["training_options.max_steps=40", "training_options.eval_every_n_st
 TRAINS = re.compile(r"(train\.py|accelerated[-_]trainer)\b.*--config\b")
 
 SKIPPED = {
-    r"^make test\b": "the whole test suite (about 5 minutes), which runs this test",
+    r"^make test\b": "the whole test suite (about 11 minutes), which runs this test",
     r"^pip install\b": "installs packages from the network into the .venv this test shares",
     r"^python bench/": "benchmarks of minutes; tests/test_bench_smoke.py runs each with --quick",
     r"^(\w+=\S+ )*sbatch\b": "submits to a Slurm cluster; tests/slurm/ runs the script under a real one (make test-slurm)",
