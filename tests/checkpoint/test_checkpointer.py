@@ -8,8 +8,6 @@ import random
 import numpy as np
 import pytest
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
@@ -17,6 +15,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from accelerated_trainer.checkpoint import INDEX, WEIGHTS, Checkpointer, Entry, ModelState, files, select_top_k, tensors
 from accelerated_trainer.config import CheckpointOptions
 from accelerated_trainer.checkpoint.checkpointer import EPOCH_SAVE_SHARE
+from checkpoint_helpers import TrainingPosition, accelerator, trained  # noqa: F401  (fixture)
 
 NAN = float("nan")
 
@@ -71,13 +70,7 @@ def test_select_top_k_zero_evicts_what_was_kept():
 # ---------------------------------------------------------------- Checkpointer with a real Accelerator
 
 
-@pytest.fixture
-def accelerator():
-    # The Accelerator state is a process-wide singleton: start clean and leave clean.
-    AcceleratorState._reset_state(True)
-    yield Accelerator(cpu=True)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+
 
 
 def weights_of(model):
@@ -92,19 +85,6 @@ def assert_weights_equal(actual: dict, expected: dict):
 
 def read_index(run_dir):
     return files.read_json(run_dir / INDEX)
-
-
-class TrainingPosition:
-    """What the trainer registers as "trainer" (its TrainingState): JSON at the top of state.json."""
-
-    def __init__(self):
-        self.state = {}
-
-    def state_dict(self):
-        return dict(self.state)
-
-    def load_state_dict(self, state):
-        self.state = {key: state[key] for key in ("step", "epoch", "position") if key in state}
 
 
 def checkpointer_for(run_dir, accelerator, model, optimizer=None, scheduler=None, *, monitor="val_loss", mode="min",
@@ -177,17 +157,7 @@ def test_maybe_save_top_with_k_zero_still_keeps_best(tmp_path, accelerator):
     assert files.read_json(run_dir / "best" / "meta.json")["value"] == 0.5
 
 
-def trained(seed=0, steps=3):
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
-    scheduler = LambdaLR(optimizer, lambda step: 1.0)
-    for _ in range(steps):
-        model(torch.randn(6, 4)).pow(2).mean().backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        scheduler.step()
-    return model, optimizer, scheduler
+
 
 
 def state_step(directory):

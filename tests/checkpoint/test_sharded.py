@@ -14,8 +14,6 @@ import threading
 
 import pytest
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
@@ -26,42 +24,23 @@ from accelerated_trainer.checkpoint import WEIGHTS, Checkpointer, ModelState, fi
 from accelerated_trainer.checkpoint.store import FullStore
 from accelerated_trainer.config import CheckpointOptions
 from accelerated_trainer.export import export_model
+from checkpoint_helpers import TrainingPosition, accelerator  # noqa: F401  (fixture)
+from checkpoint_helpers import trained as _trained
 
 SHARD = "shard-00001-model-00001-of-00001.safetensors"
 # One process without a process group is what these tests mean; DCP warns that it assumes so.
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
 
-@pytest.fixture
-def accelerator():
-    AcceleratorState._reset_state(True)
-    yield Accelerator(cpu=True)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
-class TrainingPosition:
-    def __init__(self):
-        self.state = {}
 
-    def state_dict(self):
-        return dict(self.state)
 
-    def load_state_dict(self, state):
-        self.state = {key: state[key] for key in ("step", "epoch") if key in state}
 
 
 def trained(seed=0, steps=3, width=8):
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(4, width), nn.Tanh(), nn.Linear(width, 2))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
-    scheduler = LambdaLR(optimizer, lambda step: 0.5 ** step)
-    for _ in range(steps):
-        model(torch.randn(6, 4)).pow(2).mean().backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        scheduler.step()
-    return model, optimizer, scheduler
+    """A schedule that halves the LR each step: a restored LR shows in param_groups."""
+    return _trained(seed, steps, width, decay=0.5)
 
 
 def sharded_checkpointer(run_dir, accelerator, model, optimizer, scheduler, sharded_model=True):
