@@ -136,9 +136,9 @@ class Checkpointer:
     def on_epoch_end(self, epoch: int, step: int) -> None:
         """The epoch end's `last`. Asynchronous, it never waits for the save before it: while that
         one is still being written (it is hurried on), or began less than 1 / EPOCH_SAVE_SHARE
-        times its own duration ago, this one is due, and taken with the state of that moment at the first
-        step after that (the newest state wins), unless a save_every_n_steps save comes first.
-        Steps named by save_every_n_steps are saved at that step; the end of training, an
+        times its own duration ago, this one is due, and taken with the state of that moment at
+        the first step after that (the newest state wins), unless a save_every_n_steps save comes
+        first. Steps named by save_every_n_steps are saved at that step; the end of training, an
         evaluation and a preemption wait for the save in flight."""
         if self.options.async_save and self._pending is not None and not self._may_save_again():
             self._due = True
