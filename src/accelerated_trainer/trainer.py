@@ -151,7 +151,7 @@ class AcceleratedTrainer:
         self.model_state = hf.model_state(self.accelerator, self.model, opts.text and opts.text.tokenizer)
         self.batch_loss = BatchLoss(self.model, self.loss_fn, pass_labels=pass_labels, task=training.task,
                                     label_column=opts.label_column, ignored_loss=self._chosen_loss)
-        batches = data.batches_per_epoch(self.train_loader)
+        self._batches_per_epoch = batches = data.batches_per_epoch(self.train_loader)
         self.steps_per_epoch = batches and -(-batches // training.gradient_accumulation_steps)
         if self.steps_per_epoch is None and not training.max_steps and training.scheduler.name != "constant":
             raise ConfigError("training_options.max_steps: the training data has no length (an IterableDataset without "
@@ -197,7 +197,7 @@ class AcceleratedTrainer:
         self.last_metrics: dict[str, float] = {}
         self._evaluated_step: int | None = None  # the step of the latest evaluation
         # What samples_in_epoch reaches on an epoch's last micro-batch (counted in full batches).
-        batches = data.batches_per_epoch(self.train_loader)
+        batches = self._batches_per_epoch
         self._samples_per_epoch = batches * self._samples_per_micro_batch if batches else None
 
     # ------------------------------------------------------------ the run

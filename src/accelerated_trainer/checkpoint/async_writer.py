@@ -117,8 +117,8 @@ class PendingSave:
 
     def took_at_most(self, share: float) -> bool:
         """Whether the write has ended and took at most `share` of the time since it began."""
-        ended = self._ended
-        return ended is not None and self.done() and ended - self.began <= share * (time.perf_counter() - self.began)
+        ended = self._ended  # set when the write returns (on the save thread)
+        return ended is not None and ended - self.began <= share * (time.perf_counter() - self.began)
 
     def hurry(self) -> None:
         """Write the rest flat out: someone needs the save done (a newer one is due)."""

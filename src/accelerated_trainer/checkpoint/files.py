@@ -82,15 +82,19 @@ def seal(directory: Path, checksums: dict[str, str] | None = None) -> None:
     checksums = checksums or {}
     paths = sorted(p for p in directory.iterdir() if p.is_file() and p.name != MANIFEST)
     sizes = {path.name: path.stat().st_size for path in paths}
+
+    def listing() -> dict:
+        return {path.name: {"size": sizes[path.name], "crc32": checksums.get(path.name) or _crc32(path)} for path in paths}
+
     if sum(sizes.values()) < PARALLEL_FSYNC_BYTES:  # a few small files: threads would cost more than they save
         for path in paths:
             _fsync(path)
-        files = {path.name: {"size": sizes[path.name], "crc32": checksums.get(path.name) or _crc32(path)} for path in paths}
+        files = listing()
     else:
         # The disk flushes while the CPU sums what is left: both release the GIL.
         with ThreadPoolExecutor(max_workers=max(len(paths), 1), thread_name_prefix="fsync") as pool:
             flushed = [pool.submit(_fsync, path) for path in paths]
-            files = {path.name: {"size": sizes[path.name], "crc32": checksums.get(path.name) or _crc32(path)} for path in paths}
+            files = listing()
             for future in flushed:
                 future.result()
     write_json(directory / MANIFEST, {"files": files}, indent=None)
