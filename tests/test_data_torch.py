@@ -234,7 +234,7 @@ def test_two_processes_share_each_epoch_of_torch_data(tmp_path, kind, port):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
-    ranks = sorted((json.loads(line) for line in result.stdout.splitlines() if line.startswith('{"rank"')), key=lambda r: r["rank"])
+    ranks = sorted((json.loads(path.read_text()) for path in (tmp_path / "report").glob("rank*.json")), key=lambda r: r["rank"])
     assert [r["rank"] for r in ranks] == [0, 1]
     # 250 rows in batches of 25 per process: 5 steps an epoch, each process a different half of the rows.
     assert all(r["steps"] == 3 * 5 for r in ranks)

@@ -2,8 +2,10 @@
 
     accelerate launch ... tests/helpers/torch_data_run.py RUN_ROOT {map-style|DataLoader}
 
-Prints one JSON line per process: its rank, the optimizer steps, the rows it trained on (their
-ids, the first feature column) and the validation metrics.
+Each process writes RUN_ROOT/report/rank{N}.json: its rank, the optimizer steps, the rows it
+trained on (their ids, the first feature column) and the validation metrics. A file, not a line
+on stdout: the processes share the launcher's stdout, where another process's run summary can
+land in the middle of a line.
 """
 
 import json
@@ -37,8 +39,9 @@ model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
 trainer = AcceleratedTrainer(model, config, train_dataset=train, eval_dataset=validation)
 trainer.model.register_forward_pre_hook(lambda module, args: seen.extend(args[0][:, 0].long().tolist()) if module.training else None)
 result = trainer.train()
-print(json.dumps({"rank": trainer.accelerator.process_index, "steps": result.steps, "seen": seen, "metrics": result.metrics}),
-      flush=True)
+report = Path(root) / "report" / f"rank{trainer.accelerator.process_index}.json"
+report.parent.mkdir(exist_ok=True)
+report.write_text(json.dumps({"rank": trainer.accelerator.process_index, "steps": result.steps, "seen": seen, "metrics": result.metrics}))
 trainer.accelerator.end_training()
 # Leave as the CLI does after a run of several processes (cli.run_and_exit): at the
 # interpreter's teardown gloo's threads sometimes abort a process whose run succeeded.
