@@ -260,8 +260,13 @@ def test_resume_mid_epoch_serves_the_same_next_batch(digits, vectorization):
 
 @pytest.mark.parametrize("drop_last", [False, True])
 @pytest.mark.parametrize("start", [0, 7 * 32, 1000])
-def test_in_process_loader_serves_the_dataloaders_batches(digits, drop_last, start):
-    """The single-process fast path: the same batches as the DataLoader, from any resume position."""
+@pytest.mark.parametrize("batches_per_gather", [None, 1, 3])
+def test_in_process_loader_serves_the_dataloaders_batches(digits, drop_last, start, batches_per_gather, monkeypatch):
+    """The single-process fast path: the same batches as the DataLoader, from any resume position,
+    whether it gathers the whole epoch at once (None: the default size), one batch or three at a time."""
+    if batches_per_gather is not None:  # a digits row: 64 float32 pixels and an int64 label
+        monkeypatch.setattr(data.in_process, "GATHER_BYTES", batches_per_gather * 32 * (64 * 4 + 8))
+
     def loader(device):
         built = data.build_loader(digits.train, digits_options(drop_last=drop_last), label_dtype=torch.long,
                                   batch_size=32, seed=9, train=True, in_process_device=device)
@@ -271,6 +276,7 @@ def test_in_process_loader_serves_the_dataloaders_batches(digits, drop_last, sta
 
     reference, fast = loader(None), loader(torch.device("cpu"))
     assert isinstance(fast, data.InProcessLoader) and isinstance(reference, torch.utils.data.DataLoader)
+    assert fast._batches_per_gather() == (batches_per_gather or (4 << 20) // (32 * (64 * 4 + 8)))
     expected = all_batches(reference)
     served = all_batches(fast)
     assert len(fast) == len(reference) == len(expected) == len(served) > 0

@@ -115,6 +115,13 @@ class ColumnarBatches(torch.utils.data.Dataset):
         return {key: value[0] for key, value in self.take([index]).items()}
 
     @property
+    def row_bytes(self) -> int | None:
+        """The bytes of one row's batch entries; rows taken together are the batches taken one by one."""
+        shapes = [(tuple(value.shape[1:]), value.dtype) for value in self._dense.values()]
+        shapes += [(shape, dtype) for _, shape, dtype in self._arrow.values()]  # a row's shape, stacked columns included
+        return sum(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize for shape, dtype in shapes)
+
+    @property
     def preloaded(self) -> list[str]:
         """Batch keys served from contiguous tensors (the rest come from Arrow per batch)."""
         return list(self._dense)

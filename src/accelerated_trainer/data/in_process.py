@@ -4,8 +4,9 @@ torch's DataLoader and accelerate's DataLoaderShard add work to every batch that
 when one process reads its own data without workers: a fetcher, a profiler range, a Python
 list of indices, a look-ahead batch and the gradient-state bookkeeping. On a small model that
 is about a tenth of the step (bench/bench_step.py, bench/profile_step.py). This loader serves
-the same batches (the sampler's order cut into batch_size slices, one gather per batch key)
-without them. With several processes, workers, or the per-row path the trainer uses a
+the same batches (the sampler's order cut into batch_size slices) without them, and gathers
+many batches at once (one gather per batch key for up to GATHER_BYTES of rows, then a view per
+batch): on a small model a gather per batch is a twentieth of the step. With several processes, workers, or the per-row path the trainer uses a
 DataLoader prepared by accelerate instead, which shards and places the batches.
 """
 
@@ -17,6 +18,8 @@ import torch
 
 from .batches import ColumnarBatches
 from .sampling import EpochSampler
+
+GATHER_BYTES = 4 << 20  # rows gathered at once: whole batches up to about this many bytes
 
 
 class InProcessLoader:
@@ -44,9 +47,20 @@ class InProcessLoader:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         order = self.sampler.remaining()
         end = len(self) * self.batch_size if self.drop_last else len(order)
-        to_device = self.device.type != "cpu"
-        for begin in range(0, end, self.batch_size):
-            batch = self.dataset.take(order[begin:begin + self.batch_size])
-            if to_device:
-                batch = {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
-            yield batch
+        per_gather = self.batch_size * self._batches_per_gather()
+        for first in range(0, end, per_gather):
+            rows = self.dataset.take(order[first:min(first + per_gather, end)])
+            if self.device.type != "cpu":
+                rows = {key: value.to(self.device, non_blocking=True) for key, value in rows.items()}
+            if per_gather == self.batch_size:
+                yield rows
+                continue
+            for begin in range(0, len(rows["labels"] if "labels" in rows else next(iter(rows.values()))), self.batch_size):
+                yield {key: value[begin:begin + self.batch_size] for key, value in rows.items()}
+
+    def _batches_per_gather(self) -> int:
+        """1 where each batch must be gathered alone (padded to its own longest row)."""
+        row_bytes = self.dataset.row_bytes
+        if row_bytes is None:
+            return 1
+        return max(1, GATHER_BYTES // max(1, row_bytes * self.batch_size))

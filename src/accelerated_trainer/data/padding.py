@@ -68,6 +68,7 @@ class PaddedBatches(ColumnarBatches):
         return batch
 
     __getitems__ = take
+    row_bytes = None  # each batch is padded to its own longest row: gathered alone
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         raise TypeError("padded text batches are served whole (__getitems__); there is no per-row path")
