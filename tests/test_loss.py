@@ -125,3 +125,90 @@ def test_binary_classification_with_the_built_in_mlp_gets_one_output(tmp_path):
     assert trainer.config.model_options.kwargs["output_dim"] == 1
     metrics = trainer.train().metrics
     assert 0.5 < metrics["val_auroc"] <= 1.0 and 0.5 < metrics["val_accuracy"] <= 1.0
+
+
+# The training step's loss: the same batch mean whichever way it is computed.
+
+def _batch_loss(loss_fn, task, model, pass_labels=False):
+    from accelerated_trainer.loss import BatchLoss
+
+    return BatchLoss(model, loss_fn, pass_labels=pass_labels, task=task, label_column="label")
+
+
+class _Logits(nn.Module):
+    def __init__(self, outputs):
+        super().__init__()
+        self.outputs = outputs
+
+    def forward(self, features):
+        return self.outputs
+
+
+class _OwnLoss(nn.Module):
+    def forward(self, features, labels):
+        return {"loss": (features.sum(dim=1) - labels).pow(2).mean(), "logits": features}
+
+
+def _case(name):
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(16, 5, generator=generator, requires_grad=True)
+    classes = torch.randint(0, 5, (16,), generator=generator)
+    if name == "CrossEntropyLoss":
+        return nn.CrossEntropyLoss(reduction="none", label_smoothing=0.1), "classification", logits, classes, True
+    if name == "weighted CrossEntropyLoss":  # 'mean' would divide by the weights' sum: not the per-sample mean
+        return nn.CrossEntropyLoss(weight=torch.linspace(0.2, 3.0, 5), reduction="none"), "classification", logits, classes, False
+    if name == "NLLLoss":
+        return nn.NLLLoss(reduction="none"), "classification", logits.log_softmax(-1), classes, True
+    if name == "per-position CrossEntropyLoss":  # language modeling: targets may be ignore_index padding
+        positions = torch.randn(4, 6, 5, generator=generator, requires_grad=True)
+        targets = torch.randint(0, 5, (4, 6), generator=generator)
+        targets[0, 3:] = -100
+        return nn.CrossEntropyLoss(reduction="none"), "language_modeling", positions, targets, False
+    if name == "BCEWithLogitsLoss":  # one output against 0/1 labels
+        return nn.BCEWithLogitsLoss(pos_weight=torch.tensor([2.5]), reduction="none"), "classification", logits[:, :1], classes % 2, True
+    if name == "MSELoss":
+        return nn.MSELoss(reduction="none"), "regression", logits, torch.randn(16, 5, generator=generator), True
+    if name == "HuberLoss":
+        return nn.HuberLoss(reduction="none", delta=0.5), "regression", logits[:, 0], torch.randn(16, generator=generator), True
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize("name", ["CrossEntropyLoss", "weighted CrossEntropyLoss", "NLLLoss", "per-position CrossEntropyLoss",
+                                  "BCEWithLogitsLoss", "MSELoss", "HuberLoss"])
+def test_the_training_loss_is_the_mean_of_the_per_sample_losses(name):
+    loss_fn, task, outputs, labels, fused = _case(name)
+    batch_loss = _batch_loss(loss_fn, task, _Logits(outputs))
+    batch = {"features": torch.zeros(len(labels), 1), "labels": labels}
+    per_sample, _ = batch_loss.compute(batch)
+    trained = batch_loss.training_loss(batch)
+    assert (batch_loss.mean_fn is not None) == fused
+    assert loss_fn.reduction == "none"  # the per-sample loss is left as it was: the mean one is a copy
+    assert trained.ndim == 0 and per_sample.shape == (len(labels),)
+    torch.testing.assert_close(trained, per_sample.mean(), rtol=1e-6, atol=1e-7)
+    # The gradients agree too: the step trains on the same loss.
+    trained_grad, = torch.autograd.grad(trained, outputs, retain_graph=True)
+    reference_grad, = torch.autograd.grad(per_sample.mean(), outputs)
+    torch.testing.assert_close(trained_grad, reference_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_a_subclassed_or_function_loss_is_averaged_as_it_is():
+    from accelerated_trainer.loss import batch_mean_loss
+
+    class Focal(nn.CrossEntropyLoss):  # a forward of its own: its 'mean' may mean anything
+        def forward(self, input, target):
+            return super().forward(input, target) ** 2
+
+    assert batch_mean_loss(Focal(reduction="none"), "classification") is None
+    assert batch_mean_loss(nn.functional.cross_entropy, "classification") is None
+    loss_fn, task, outputs, labels, _ = _case("CrossEntropyLoss")
+    focal = _batch_loss(Focal(reduction="none"), task, _Logits(outputs))
+    batch = {"features": torch.zeros(len(labels), 1), "labels": labels}
+    expected = (nn.functional.cross_entropy(outputs, labels, reduction="none") ** 2).mean()
+    torch.testing.assert_close(focal.training_loss(batch), expected)
+
+
+def test_the_models_own_loss_is_trained_on_as_returned():
+    features, labels = torch.randn(8, 3), torch.randn(8)
+    batch_loss = _batch_loss(None, "regression", _OwnLoss(), pass_labels=True)
+    expected = (features.sum(dim=1) - labels).pow(2).mean()
+    assert torch.equal(batch_loss.training_loss({"features": features, "labels": labels}), expected)

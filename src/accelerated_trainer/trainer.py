@@ -177,7 +177,7 @@ class AcceleratedTrainer:
         self.state = TrainingState(num_processes=self.accelerator.num_processes)
         self.window = TrainWindow(self.accelerator, training.log_every_n_steps, skip_nonfinite=training.nonfinite_loss == "skip")
         self.optimizer_step = OptimizerStep(
-            self.accelerator, self.model, self.optimizer, loss_of=self._training_loss, scheduler=training.scheduler,
+            self.accelerator, self.model, self.optimizer, loss_of=self.batch_loss.training_loss, scheduler=training.scheduler,
             total_steps=total_steps, max_grad_norm=training.max_grad_norm,
             skip_nonfinite=training.nonfinite_loss == "skip", wants_grad_norm=lambda: self.window.should_log(self.state.step + 1),
             before_step=lambda: self.checkpointer.before_optimizer_step())
@@ -290,11 +290,6 @@ class AcceleratedTrainer:
         would otherwise see (and record) one epoch fewer than completed."""
         if self._samples_per_epoch and self.state.samples_in_epoch >= self._samples_per_epoch:
             self._complete_epoch()
-
-    def _training_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The batch's mean loss: the mean of the per-sample losses, taken in one reduction."""
-        losses, _ = self.batch_loss.compute(batch, per_sample_losses=False)
-        return losses.mean()
 
     def _after_optimizer_step(self) -> Stop | None:
         training = self.config.training_options
