@@ -423,3 +423,28 @@ def test_the_original_spec_config_trains_verbatim(tmp_path, monkeypatch):
     saved = json.loads((result.run_dir / "config.json").read_text())
     assert saved["dataset_options"]["feature_columns"] == ["features"]
     assert saved["training_options"]["early_stopping"]["patience"] == 5
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 0.05])
+def test_the_logged_grad_norm_is_the_norm_of_the_gradients_stepped_on(tmp_path, max_grad_norm):
+    """Measured without clipping (plain gradients), or returned by the clipping: either way the
+    norm of the gradients before clipping, and clipping changes them only when asked to."""
+    trainer = AcceleratedTrainer(None, digits_config(tmp_path, training_options={"n_epochs": 1, "max_grad_norm": max_grad_norm}))
+    step = trainer.optimizer_step
+    assert step._plain_grads
+    before, stepped = [], []
+    step.wants_grad_norm = lambda: True
+    step.before_step = lambda: stepped.append([p.grad.clone() for p in trainer.model.parameters()])
+    batch = next(iter(trainer.train_loader))
+    rng = torch.get_rng_state()  # the same dropout masks in both backwards
+    step.loss_of(batch).backward()
+    before.append([p.grad.clone() for p in trainer.model.parameters()])
+    trainer.optimizer.zero_grad(set_to_none=True)
+    torch.set_rng_state(rng)
+    step.micro_batch(batch)
+    expected = torch.linalg.vector_norm(torch.stack([g.norm() for g in before[0]]))
+    assert step.take_grad_norm() == pytest.approx(expected.item(), rel=1e-5)
+    scale = 1.0 if max_grad_norm is None else min(1.0, max_grad_norm / (expected.item() + 1e-6))
+    assert max_grad_norm is None or scale < 1.0
+    for grad, reference in zip(stepped[0], before[0]):
+        torch.testing.assert_close(grad, reference * scale)

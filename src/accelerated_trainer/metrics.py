@@ -266,7 +266,10 @@ class TrainWindow:
         if self.micro_batches == 0:
             return None
         processes = self.accelerator.num_processes
-        loss = self.accelerator.reduce(self.loss_sum / self.micro_batches, reduction="mean").item()
+        if processes == 1:  # nothing to reduce: accelerate's reduce would only add its dispatch
+            loss = self.loss_sum.item() / self.micro_batches
+        else:
+            loss = self.accelerator.reduce(self.loss_sum / self.micro_batches, reduction="mean").item()
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         metrics = {"train_loss": loss, "samples_per_s": self.samples * processes / elapsed}
         if self.tokens:
