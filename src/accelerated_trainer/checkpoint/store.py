@@ -105,10 +105,10 @@ class FullStore:
             optimizer_tensors = self.staging.copy(optimizer_tensors, OPTIMIZER)
         captured()
         prepare()
-        write_rngs(directory, capture.rngs)
-        checksums = {WEIGHTS: tensors.write_tensors(directory / WEIGHTS, weights, metadata={"format": "pt"}, pause=pause)}
+        checksums = write_rngs(directory, capture.rngs)
+        checksums[WEIGHTS] = tensors.write_tensors(directory / WEIGHTS, weights, metadata={"format": "pt"}, pause=pause)
         checksums |= tensors.write_state(capture.optimizer_skeleton, optimizer_tensors, directory, OPTIMIZER, pause=pause)
-        (directory / STATE).write_text(capture.state_text)
+        checksums[STATE] = files.write_text_file(directory / STATE, capture.state_text)
         capture.model_state.write_pretrained_files(directory)
         return checksums
 
@@ -165,9 +165,9 @@ def json_state_text(states: dict) -> str:
     return files.to_json(json_states, indent=None)  # one line: the C encoder (this runs at capture)
 
 
-def write_rngs(directory: Path, rngs: dict[int, dict]) -> None:
-    for index, rng in rngs.items():
-        files.write_json(directory / rng_file(index), rng, indent=None)
+def write_rngs(directory: Path, rngs: dict[int, dict]) -> dict[str, str]:
+    """Write each process's RNG file; their checksums by file name."""
+    return {rng_file(index): files.write_json(directory / rng_file(index), rng, indent=None) for index, rng in rngs.items()}
 
 
 def read_json_states(directory: Path, states: dict, process_index: int) -> dict:

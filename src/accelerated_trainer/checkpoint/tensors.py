@@ -88,17 +88,17 @@ def host_tensor(value: torch.Tensor, copy: bool = False) -> torch.Tensor:
 
 
 def save_state(state: Any, directory: Path, name: str) -> dict[str, str]:
-    """Write a nested state as `{name}.json` plus `{name}.safetensors`; the checksum of the latter by file name."""
+    """Write a nested state as `{name}.json` plus `{name}.safetensors`; their checksums by file name."""
     return write_state(*split_tensors(state), directory, name)
 
 
 def write_state(skeleton: Any, tensors: dict[str, torch.Tensor], directory: Path, name: str,
                 pause: float | Callable[[], float] = 0.0) -> dict[str, str]:
-    """Write what split_tensors returned as `{name}.json` plus `{name}.safetensors`; the checksum of
-    the latter by file name. `pause`: as for write_tensors."""
+    """Write what split_tensors returned as `{name}.json` plus `{name}.safetensors`; their
+    checksums by file name. `pause`: as for write_tensors."""
     digest = write_tensors(directory / f"{name}.safetensors", tensors, pause=pause)
-    write_json(directory / f"{name}.json", skeleton, indent=None)  # one line: the C encoder
-    return {f"{name}.safetensors": digest}
+    return {f"{name}.safetensors": digest,
+            f"{name}.json": write_json(directory / f"{name}.json", skeleton, indent=None)}  # one line: the C encoder
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
