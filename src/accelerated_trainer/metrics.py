@@ -223,40 +223,45 @@ def _build_metric(name: str, options: MetricOptions, task: str, num_classes: int
 class TrainWindow:
     """The training-log window: the losses and counts since the last log, reduced once per log.
 
-    `add` runs every micro-batch and never syncs with the host; `compute` is the one reduction
-    of the loss per logging interval. With `skip_nonfinite` (nonfinite_loss "skip") the losses
-    of skipped steps stay out of the sum.
+    `add` runs every micro-batch, keeps its loss and never syncs with the host; `compute` sums
+    the window's losses and is the one reduction of the loss per logging interval. With
+    `skip_nonfinite` (nonfinite_loss "skip") the losses of skipped steps stay out of the sum.
     """
 
     def __init__(self, accelerator, every_n_steps: int, skip_nonfinite: bool):
         self.accelerator = accelerator
         self.every_n_steps = every_n_steps
-        self.add = self._add_finite if skip_nonfinite else self._add
+        self.skip_nonfinite = skip_nonfinite
         self.reset()
 
     def reset(self) -> None:
-        self.loss_sum = torch.zeros((), device=self.accelerator.device)
-        self.micro_batches = self.samples = self.tokens = 0
+        self.losses: list[torch.Tensor] = []  # the window's micro-batch losses, detached, summed when logged
+        self.samples = self.tokens = 0
         self.started = time.perf_counter()
+
+    @property
+    def micro_batches(self) -> int:
+        return len(self.losses)
 
     def should_log(self, step: int) -> bool:
         return step % self.every_n_steps == 0
 
-    def _add(self, loss: torch.Tensor, batch: dict[str, torch.Tensor]) -> int:
-        """Count one micro-batch; return its rows."""
-        self.loss_sum += loss.detach()
-        return self._count(batch)
-
-    def _add_finite(self, loss: torch.Tensor, batch: dict[str, torch.Tensor]) -> int:
-        self.loss_sum += torch.nan_to_num(loss.detach(), 0.0, 0.0, 0.0)
-        return self._count(batch)
-
-    def _count(self, batch: dict[str, torch.Tensor]) -> int:
+    def add(self, loss: torch.Tensor, batch: dict[str, torch.Tensor]) -> int:
+        """Count one micro-batch; return its rows. No op on the loss: it is kept until the log."""
+        self.losses.append(loss.detach())
         rows = batch["labels"].shape[0]
-        self.micro_batches += 1
         self.samples += rows
         self.tokens += token_count(batch)
         return rows
+
+    def _loss_sum(self) -> torch.Tensor:
+        """The window's losses summed in float32; with skip_nonfinite, NaN and inf count as 0."""
+        if not self.losses:
+            return torch.zeros((), device=self.accelerator.device)
+        losses = torch.stack(self.losses)
+        if self.skip_nonfinite:
+            losses = torch.nan_to_num(losses, 0.0, 0.0, 0.0)
+        return losses.sum(dtype=torch.float32)
 
     def compute(self) -> dict[str, float] | None:
         """train_loss (mean over the window and the processes) and throughput; None if empty.
@@ -267,9 +272,9 @@ class TrainWindow:
             return None
         processes = self.accelerator.num_processes
         if processes == 1:  # nothing to reduce: accelerate's reduce would only add its dispatch
-            loss = self.loss_sum.item() / self.micro_batches
+            loss = self._loss_sum().item() / self.micro_batches
         else:
-            loss = self.accelerator.reduce(self.loss_sum / self.micro_batches, reduction="mean").item()
+            loss = self.accelerator.reduce(self._loss_sum() / self.micro_batches, reduction="mean").item()
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         metrics = {"train_loss": loss, "samples_per_s": self.samples * processes / elapsed}
         if self.tokens:
@@ -278,4 +283,4 @@ class TrainWindow:
 
     def is_finite(self) -> bool:
         """Whether every process's losses since the last log are finite (one reduction)."""
-        return math.isfinite(self.accelerator.reduce(self.loss_sum, reduction="sum").item())
+        return math.isfinite(self.accelerator.reduce(self._loss_sum(), reduction="sum").item())
