@@ -18,6 +18,7 @@ HEADERS = {  # what each one's output must hold
     "bench_startup.py": ("| launch to | median s | min-max | vs reference |",),
     "bench_checkpoint.py": ("| save | MB on disk | median s | min-max | MB/s | vs raw |",),
     "bench_async_save.py": ("| variant | steps | n | median ms | vs none | mean ms | mean vs none |",),
+    "bench_save_thread.py": ("| second thread | ms/step median | min-max | vs idle |", "| fsyncs |"),
 }
 
 
