@@ -180,8 +180,7 @@ class BatchLoss:
         values and their mean (on the tiny workload about 28 us of a 0.5 ms step)."""
         model_loss, predictions = self.forward(batch)
         if model_loss is not None:
-            if self.ignored_loss is not None:
-                self._warn_ignored()
+            self._warn_if_ignored()
             return model_loss if model_loss.ndim == 0 else model_loss.mean()
         if self.mean_fn is not None:
             return self._compare(self.mean_fn, predictions, batch)
@@ -210,8 +209,7 @@ class BatchLoss:
         """The per-sample losses of a forward's output against the batch's labels."""
         batch_size = batch["labels"].shape[0]
         if model_loss is not None:
-            if self.ignored_loss is not None:
-                self._warn_ignored()
+            self._warn_if_ignored()
             return per_sample(model_loss, batch_size)
         return per_sample(self._compare(self.loss_fn, predictions, batch), batch_size)
 
@@ -231,7 +229,9 @@ class BatchLoss:
         except (RuntimeError, ValueError, IndexError) as err:
             raise self._loss_error(err, predictions, labels, batch) from err
 
-    def _warn_ignored(self) -> None:
+    def _warn_if_ignored(self) -> None:
+        if self.ignored_loss is None:
+            return
         warnings.warn(f"{self.ignored_loss} is not used: the model returns its own loss "
                       "(ModelOutput.loss or a dict with \"loss\") when it gets labels, and that one is trained on. Remove "
                       "loss_function, or make the model return logits only.", UserWarning, stacklevel=3)

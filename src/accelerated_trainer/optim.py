@@ -151,8 +151,8 @@ class OptimizerStep:
         self._zero_grad(set_to_none=True)
 
     def _measured_norm(self) -> torch.Tensor:
-        """The gradients' total norm, the one clip_grad_norm_ returns (about a quarter of its time
-        on the tiny workload's step where the gradients are plain tensors)."""
+        """The gradients' total norm, the one clip_grad_norm_ returns; plain gradients skip its
+        clipping pass (with an infinite bound it took 250 us inside a tiny workload's step)."""
         if self._plain_grads:
             return torch.nn.utils.get_total_norm([p.grad for p in self._trained if p.grad is not None])
         return self.accelerator.clip_grad_norm_(self.model.parameters(), float("inf"))

@@ -52,9 +52,7 @@ def write_text_file(path: Path, text: str, fsync: bool = False) -> str:
 
     Through the file descriptor: open, write, (fsync,) close. A Python file object adds a stat,
     an ioctl and two seeks, and summing the file afterwards would read it back. Each system call
-    of a save on its background thread ends with the thread taking the GIL back, and on a small
-    model that hand-over is most of what a save costs the training steps beside it (README,
-    Performance).
+    a background save makes costs the training thread a GIL hand-over (bench/bench_save_thread.py).
     """
     data = text.encode()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)

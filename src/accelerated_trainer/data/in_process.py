@@ -5,9 +5,10 @@ when one process reads its own data without workers: a fetcher, a profiler range
 list of indices, a look-ahead batch and the gradient-state bookkeeping. On a small model that
 is about a tenth of the step (bench/bench_step.py, bench/profile_step.py). This loader serves
 the same batches (the sampler's order cut into batch_size slices) without them, and gathers
-many batches at once (one gather per batch key for up to GATHER_BYTES of rows, then a view per
-batch): on a small model a gather per batch is a twentieth of the step. With several processes, workers, or the per-row path the trainer uses a
-DataLoader prepared by accelerate instead, which shards and places the batches.
+many batches at once: one gather per batch key for up to GATHER_BYTES of rows, then a view per
+batch (11.0 against 6.5 us a batch on the tiny workload). With several processes, workers, or
+the per-row path the trainer uses a DataLoader prepared by accelerate instead, which shards and
+places the batches.
 """
 
 from __future__ import annotations
@@ -49,13 +50,11 @@ class InProcessLoader:
         end = len(self) * self.batch_size if self.drop_last else len(order)
         per_gather = self.batch_size * self._batches_per_gather()
         for first in range(0, end, per_gather):
-            rows = self.dataset.take(order[first:min(first + per_gather, end)])
+            last = min(first + per_gather, end)
+            rows = self.dataset.take(order[first:last])
             if self.device.type != "cpu":
                 rows = {key: value.to(self.device, non_blocking=True) for key, value in rows.items()}
-            if per_gather == self.batch_size:
-                yield rows
-                continue
-            for begin in range(0, len(rows["labels"] if "labels" in rows else next(iter(rows.values()))), self.batch_size):
+            for begin in range(0, last - first, self.batch_size):
                 yield {key: value[begin:begin + self.batch_size] for key, value in rows.items()}
 
     def _batches_per_gather(self) -> int:
